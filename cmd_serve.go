@@ -1,0 +1,50 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+)
+
+func runServe(args []string, stdout io.Writer) error {
+	fs := newFlags("serve", stdout)
+	data := fs.String("data", "", "data directory: state file fota.db and artifacts/")
+	certsDir := fs.String("certs", os.Getenv("FOTA_CERTS"), "certificates directory made by 'fota certs init' (env FOTA_CERTS)")
+	mqttAddr := fs.String("mqtt", ":8883", "MQTT-over-TLS listen address")
+	apiAddr := fs.String("api", "127.0.0.1:8080", "admin HTTPS API listen address")
+	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if *data == "" {
+		return usagef("serve: --data is required")
+	}
+	if *certsDir == "" {
+		return usagef("serve: --certs is required (or set FOTA_CERTS)")
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
+		return usagef("serve: bad --log-level %q", *level)
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	srv, err := startServer(serverConfig{
+		DataDir: *data, CertsDir: *certsDir, MQTTAddr: *mqttAddr, APIAddr: *apiAddr, Logger: logger,
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "fota serving: mqtts://%s, admin API https://%s\n", srv.broker.Addr(), srv.api.Addr())
+	<-ctx.Done()
+	logger.Info("shutting down")
+	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return srv.Close(closeCtx)
+}

@@ -1,0 +1,392 @@
+package controller
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fota-dev/fota/protocol"
+	bolt "go.etcd.io/bbolt"
+)
+
+// fakeFirmware serves one release from memory.
+type fakeFirmware struct {
+	model, version string
+	image          []byte
+}
+
+func (f *fakeFirmware) Manifest(model, version string) (protocol.Manifest, error) {
+	if model != f.model || version != f.version {
+		return protocol.Manifest{}, ErrNotFound
+	}
+	sum := sha256.Sum256(f.image)
+	return protocol.Manifest{V: 1, Model: model, Version: version, Counter: 2, Size: int64(len(f.image)), SHA256: hex.EncodeToString(sum[:])}, nil
+}
+
+func (f *fakeFirmware) ReadAt(sha string, p []byte, off int64) (int, error) {
+	return bytes.NewReader(f.image).ReadAt(p, off)
+}
+
+// recorder is a Publisher that keeps what was published.
+type recorder struct {
+	mu   sync.Mutex
+	msgs []published
+}
+
+type published struct {
+	topic   string
+	payload []byte
+}
+
+func (r *recorder) Publish(topic string, payload []byte, qos byte) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.msgs = append(r.msgs, published{topic, bytes.Clone(payload)})
+	return nil
+}
+
+func (r *recorder) on(topic string) [][]byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out [][]byte
+	for _, m := range r.msgs {
+		if m.topic == topic {
+			out = append(out, m.payload)
+		}
+	}
+	return out
+}
+
+type harness struct {
+	t   *testing.T
+	db  *bolt.DB
+	fw  *fakeFirmware
+	pub *recorder
+	c   *Controller
+}
+
+func realImage(t *testing.T) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "demofirmware", "pybricks-primehub-7.28.0.bin"))
+	if err != nil {
+		t.Fatalf("read firmware: %v", err)
+	}
+	return b
+}
+
+func newHarness(t *testing.T) *harness {
+	t.Helper()
+	db, err := bolt.Open(filepath.Join(t.TempDir(), "fota.db"), 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	h := &harness{t: t, db: db, fw: &fakeFirmware{model: "primehub", version: "7.28.0", image: realImage(t)}, pub: &recorder{}}
+	h.start()
+	return h
+}
+
+func (h *harness) start() {
+	h.t.Helper()
+	c, err := New(Options{DB: h.db, Publisher: h.pub, Firmware: h.fw})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if err := c.Start(); err != nil {
+		h.t.Fatal(err)
+	}
+	h.c = c
+	h.t.Cleanup(func() { c.Close(context.Background()) })
+}
+
+func (h *harness) send(device, suffix string, v any) {
+	h.t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.c.HandleMessage(device, suffix, b)
+}
+
+func (h *harness) status(device, version string) {
+	h.send(device, protocol.SuffixStatus, protocol.Status{V: 1, Model: "primehub", Version: version, State: protocol.StateIdle})
+}
+
+// waitOffer polls until the device has been sent n offers and returns the last.
+func (h *harness) waitOffer(device string, n int) protocol.Offer {
+	h.t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		msgs := h.pub.on(protocol.Topic(device, protocol.SuffixJob))
+		if len(msgs) >= n {
+			var o protocol.Offer
+			if err := json.Unmarshal(msgs[n-1], &o); err != nil {
+				h.t.Fatal(err)
+			}
+			return o
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("device %s: got %d offers, want %d", device, len(msgs), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (h *harness) job(rollout, device string) Job {
+	h.t.Helper()
+	d, err := h.c.GetRollout(rollout)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	for _, j := range d.Jobs {
+		if j.Device == device {
+			return j
+		}
+	}
+	h.t.Fatalf("rollout %s has no job for %s", rollout, device)
+	return Job{}
+}
+
+func TestRolloutOffersAndCompletes(t *testing.T) {
+	h := newHarness(t)
+	h.status("d1", "7.27.0") // online before the rollout
+	r, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "v7.28"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Version != "7.28.0" || r.State != RolloutActive {
+		t.Fatalf("got rollout %+v, want version 7.28.0 active", r)
+	}
+	o := h.waitOffer("d1", 1)
+	if o.Manifest.Version != "7.28.0" || o.Size != int64(len(h.fw.image)) || o.Job == "" {
+		t.Fatalf("got offer %+v, want 7.28.0 of %d bytes", o, len(h.fw.image))
+	}
+	h.status("d2", "7.27.0") // joins late
+	o2 := h.waitOffer("d2", 1)
+	h.status("d3", "7.28.0") // already there: not part of the rollout
+	h.status("d4", "7.28.0")
+
+	for i, st := range []string{protocol.StateDownloading, protocol.StateVerifying, protocol.StateInstalling} {
+		h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: uint64(i + 1), State: st, Bytes: 100})
+	}
+	if got := h.job(r.ID, "d1").State; got != JobInstalling {
+		t.Fatalf("got d1 state %s, want %s", got, JobInstalling)
+	}
+	h.status("d1", "7.28.0") // rebooted on the new version
+	h.send("d2", protocol.SuffixEvent, protocol.Event{V: 1, Job: o2.Job, Seq: 1, State: protocol.StateFailed, Reason: "hash-mismatch"})
+
+	d, err := h.c.GetRollout(r.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Counts[JobInstalled] != 1 || d.Counts[JobFailed] != 1 || len(d.Jobs) != 2 {
+		t.Fatalf("got counts %v over %d jobs, want 1 installed, 1 failed, 2 jobs", d.Counts, len(d.Jobs))
+	}
+	if d.State != RolloutCompleted {
+		t.Fatalf("got rollout state %s, want %s", d.State, RolloutCompleted)
+	}
+	if j := h.job(r.ID, "d2"); j.Reason != "hash-mismatch" {
+		t.Fatalf("got reason %q, want hash-mismatch", j.Reason)
+	}
+	dev, err := h.c.GetDevice("d1")
+	if err != nil || dev.Version != "7.28.0" || dev.Job != "" {
+		t.Fatalf("got device %+v (%v), want version 7.28.0 and no job", dev, err)
+	}
+}
+
+func TestEventsAreIdempotent(t *testing.T) {
+	h := newHarness(t)
+	r, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.status("d1", "7.27.0")
+	o := h.waitOffer("d1", 1)
+	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 2, State: protocol.StateInstalling})
+	// Late and duplicate events must not move the job back.
+	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 1, State: protocol.StateDownloading})
+	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 2, State: protocol.StateDownloading})
+	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: "r99-1", Seq: 3, State: protocol.StateFailed})
+	if got := h.job(r.ID, "d1").State; got != JobInstalling {
+		t.Fatalf("got state %s, want %s", got, JobInstalling)
+	}
+	if got := h.c.Stats().StaleEvents.Load(); got != 3 {
+		t.Fatalf("got %d stale events, want 3", got)
+	}
+	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 3, State: protocol.StateInstalled, Version: "7.28.0"})
+	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 4, State: protocol.StateFailed})
+	if got := h.job(r.ID, "d1").State; got != JobInstalled {
+		t.Fatalf("got state %s after a late failure, want %s", got, JobInstalled)
+	}
+}
+
+func TestBadDeviceMessagesLeaveStateIntact(t *testing.T) {
+	h := newHarness(t)
+	h.status("d1", "7.27.0")
+	before, _ := h.c.GetDevice("d1")
+	for _, tc := range []struct{ suffix, payload string }{
+		{protocol.SuffixStatus, "{"},
+		{protocol.SuffixStatus, `{"model":"primehub","version":"not-a-version"}`},
+		{protocol.SuffixStatus, `{"version":"1.0.0"}`},
+		{protocol.SuffixEvent, `{"job":"r1-1","seq":1,"state":"exploded"}`},
+		{protocol.SuffixEvent, `[1,2,3]`},
+		{protocol.SuffixRequest, `{"job":1}`},
+		{"whatever", `{}`},
+		{protocol.SuffixStatus, "\x00\xff"},
+	} {
+		h.c.HandleMessage("d1", tc.suffix, []byte(tc.payload))
+	}
+	after, err := h.c.GetDevice("d1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Version != before.Version || after.Model != before.Model {
+		t.Fatalf("got device %+v after bad input, want %+v", after, before)
+	}
+	if got := h.c.Stats().BadMessages.Load(); got != 8 {
+		t.Fatalf("got %d bad messages counted, want 8", got)
+	}
+}
+
+func TestCertificateModelWins(t *testing.T) {
+	h := newHarness(t)
+	h.c.DeviceConnected("d1", "esp8266")
+	h.status("d1", "7.27.0") // claims primehub
+	if _, err := h.c.GetDevice("d1"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("got %v, want the status refused (ErrNotFound)", err)
+	}
+}
+
+func TestChunks(t *testing.T) {
+	h := newHarness(t)
+	if _, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"}); err != nil {
+		t.Fatal(err)
+	}
+	h.status("d1", "7.27.0")
+	o := h.waitOffer("d1", 1)
+	size := int64(len(h.fw.image))
+	chunkTopic := protocol.Topic("d1", protocol.SuffixChunk)
+	tests := []struct {
+		name       string
+		req        protocol.ChunkRequest
+		kind       byte
+		wantOffset int64
+		wantLen    int
+		wantCode   string
+	}{
+		{"first", protocol.ChunkRequest{Job: o.Job, Offset: 0, Length: 4096}, protocol.FrameData, 0, 4096, ""},
+		{"tail is clamped", protocol.ChunkRequest{Job: o.Job, Offset: size - 10, Length: 4096}, protocol.FrameData, size - 10, 10, ""},
+		{"past the end", protocol.ChunkRequest{Job: o.Job, Offset: size, Length: 10}, protocol.FrameError, size, 0, protocol.ErrCodeRange},
+		{"negative", protocol.ChunkRequest{Job: o.Job, Offset: -1, Length: 10}, protocol.FrameError, 0, 0, protocol.ErrCodeRange},
+		{"too long", protocol.ChunkRequest{Job: o.Job, Offset: 0, Length: o.ChunkSize + 1}, protocol.FrameError, 0, 0, protocol.ErrCodeRange},
+		{"other job", protocol.ChunkRequest{Job: "r7-1", Offset: 0, Length: 10}, protocol.FrameError, 0, 0, protocol.ErrCodeNoJob},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h.send("d1", protocol.SuffixRequest, tc.req)
+			frames := h.pub.on(chunkTopic)
+			if len(frames) != i+1 {
+				t.Fatalf("got %d frames, want %d", len(frames), i+1)
+			}
+			f, err := protocol.ParseFrame(frames[i])
+			if err != nil {
+				t.Fatal(err)
+			}
+			if f.Kind != tc.kind || int64(f.Offset) != tc.wantOffset {
+				t.Fatalf("got kind %d offset %d, want kind %d offset %d", f.Kind, f.Offset, tc.kind, tc.wantOffset)
+			}
+			if tc.kind == protocol.FrameError {
+				if string(f.Payload) != tc.wantCode {
+					t.Fatalf("got error %q, want %q", f.Payload, tc.wantCode)
+				}
+				return
+			}
+			if f.Transfer != o.Transfer {
+				t.Fatalf("got transfer %d, want %d", f.Transfer, o.Transfer)
+			}
+			want := h.fw.image[tc.wantOffset : tc.wantOffset+int64(tc.wantLen)]
+			if !bytes.Equal(f.Payload, want) {
+				t.Fatalf("got %d payload bytes not matching the image at %d", len(f.Payload), tc.wantOffset)
+			}
+		})
+	}
+	// A device with no job gets no-job.
+	h.send("d9", protocol.SuffixRequest, protocol.ChunkRequest{Job: o.Job, Offset: 0, Length: 10})
+	frames := h.pub.on(protocol.Topic("d9", protocol.SuffixChunk))
+	if len(frames) != 1 {
+		t.Fatalf("got %d frames for a device without job, want 1", len(frames))
+	}
+	if f, err := protocol.ParseFrame(frames[0]); err != nil || f.Kind != protocol.FrameError {
+		t.Fatalf("got frame %+v (%v), want an error frame", f, err)
+	}
+}
+
+func TestRestartKeepsJobsAndTransfers(t *testing.T) {
+	h := newHarness(t)
+	r, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.status("d1", "7.27.0")
+	o := h.waitOffer("d1", 1)
+	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 1, State: protocol.StateDownloading})
+	if err := h.c.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h.start()
+	// The restarted controller serves the transfer it offered before.
+	h.send("d1", protocol.SuffixRequest, protocol.ChunkRequest{Job: o.Job, Offset: 0, Length: 1024})
+	frames := h.pub.on(protocol.Topic("d1", protocol.SuffixChunk))
+	if len(frames) != 1 {
+		t.Fatalf("got %d frames, want 1", len(frames))
+	}
+	if f, err := protocol.ParseFrame(frames[0]); err != nil || f.Kind != protocol.FrameData || f.Transfer != o.Transfer {
+		t.Fatalf("got frame %+v (%v), want data of transfer %d", f, err, o.Transfer)
+	}
+	// The device reconnects mid-download: same job offered again, not a new one.
+	h.status("d1", "7.27.0")
+	if o2 := h.waitOffer("d1", 2); o2.Job != o.Job || o2.Transfer != o.Transfer {
+		t.Fatalf("got re-offer %s/%d, want %s/%d", o2.Job, o2.Transfer, o.Job, o.Transfer)
+	}
+	if got := h.job(r.ID, "d1").State; got != JobDownloading {
+		t.Fatalf("got state %s, want %s", got, JobDownloading)
+	}
+}
+
+func TestCreateRolloutErrors(t *testing.T) {
+	h := newHarness(t)
+	tests := []struct {
+		name string
+		spec RolloutSpec
+		want error
+	}{
+		{"bad version", RolloutSpec{Model: "primehub", Version: "seven"}, ErrInvalid},
+		{"unknown firmware", RolloutSpec{Model: "primehub", Version: "9.9.9"}, ErrNotFound},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := h.c.CreateRollout(context.Background(), tc.spec); !errors.Is(err, tc.want) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+		})
+	}
+	if _, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"}); err != nil {
+		t.Fatal(err)
+	}
+	h.status("d1", "7.27.0")
+	if _, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("got %v, want ErrConflict for a second active rollout", err)
+	}
+	rs, err := h.c.ListRollouts()
+	if err != nil || len(rs) != 1 {
+		t.Fatalf("got %d rollouts (%v), want 1", len(rs), err)
+	}
+}

@@ -1,0 +1,193 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/fota-dev/fota/api"
+	"github.com/fota-dev/fota/broker"
+	"github.com/fota-dev/fota/certs"
+	"github.com/fota-dev/fota/controller"
+	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/protocol"
+	bolt "go.etcd.io/bbolt"
+)
+
+// serverConfig is what `fota serve` and `fota demo` run.
+type serverConfig struct {
+	DataDir  string
+	CertsDir string
+	MQTTAddr string
+	APIAddr  string
+	Logger   *slog.Logger
+}
+
+// server is the broker, controller and admin API wired together over one state file.
+type server struct {
+	db        *bolt.DB
+	store     *firmware.Store
+	broker    *broker.Broker
+	ctrl      *controller.Controller
+	api       *api.Server
+	stopWatch context.CancelFunc
+	watchDone chan struct{}
+}
+
+// stateFile is the bbolt file in the data dir.
+const stateFile = "fota.db"
+
+// errDataDirInUse is returned when another process holds the state file.
+var errDataDirInUse = errors.New("data dir is in use by another fota process")
+
+// openState opens the state file, failing fast when another process holds its lock.
+func openState(dataDir string) (*bolt.DB, error) {
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	path := filepath.Join(dataDir, stateFile)
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	if errors.Is(err, bolt.ErrTimeout) {
+		return nil, fmt.Errorf("%w: %s is locked", errDataDirInUse, path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open state file %s: %w", path, err)
+	}
+	return db, nil
+}
+
+// startServer opens the state and starts every part. On error, what was started is stopped.
+func startServer(cfg serverConfig) (_ *server, err error) {
+	log := cfg.Logger
+	s := &server{}
+	defer func() {
+		if err != nil {
+			s.Close(context.Background())
+		}
+	}()
+	if s.db, err = openState(cfg.DataDir); err != nil {
+		return nil, err
+	}
+	s.store, err = firmware.Open(firmware.Options{
+		Dir: filepath.Join(cfg.DataDir, "artifacts"), DB: s.db, Logger: log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("firmware store: %w", err)
+	}
+	revoked, err := certs.OpenRevocationList(cfg.CertsDir)
+	if err != nil {
+		return nil, fmt.Errorf("revocation list: %w", err)
+	}
+	mqttTLS, err := certs.ServerTLS(cfg.CertsDir, revoked)
+	if err != nil {
+		return nil, fmt.Errorf("broker tls: %w", err)
+	}
+	apiTLS, err := certs.ServerTLS(cfg.CertsDir, revoked)
+	if err != nil {
+		return nil, fmt.Errorf("api tls: %w", err)
+	}
+
+	// The controller and the broker refer to each other: the broker delivers device
+	// messages to the controller, the controller publishes through the broker.
+	var ctrl *controller.Controller
+	s.broker, err = broker.New(broker.Options{
+		Addr: cfg.MQTTAddr, TLS: mqttTLS, Logger: log,
+		OnConnect:    func(id, model string) { ctrl.DeviceConnected(id, model) },
+		OnDisconnect: func(id string) { ctrl.DeviceDisconnected(id) },
+	})
+	if err != nil {
+		return nil, fmt.Errorf("broker: %w", err)
+	}
+	ctrl, err = controller.New(controller.Options{
+		DB: s.db, Publisher: s.broker, Firmware: firmwareSource{s.store}, Logger: log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.ctrl = ctrl
+	for _, suffix := range []string{protocol.SuffixStatus, protocol.SuffixEvent, protocol.SuffixRequest} {
+		if err := s.broker.Subscribe(suffix, func(device string, payload []byte) {
+			ctrl.HandleMessage(device, suffix, payload)
+		}); err != nil {
+			return nil, fmt.Errorf("broker subscribe: %w", err)
+		}
+	}
+	if err := ctrl.Start(); err != nil {
+		return nil, err
+	}
+	if err := s.broker.Start(); err != nil {
+		return nil, fmt.Errorf("broker: %w", err)
+	}
+	s.api, err = api.New(api.Options{
+		Addr: cfg.APIAddr, TLS: apiTLS, Rollouts: ctrl, Firmware: s.store, Logger: log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("admin api: %w", err)
+	}
+	if err := s.api.Start(); err != nil {
+		return nil, fmt.Errorf("admin api: %w", err)
+	}
+
+	// A revoked device is refused at its next handshake by the TLS config; the watcher also
+	// closes the connection it has open now.
+	ctx, cancel := context.WithCancel(context.Background())
+	s.stopWatch, s.watchDone = cancel, make(chan struct{})
+	go func() {
+		defer close(s.watchDone)
+		revoked.Watch(ctx, time.Second, func(id string) {
+			if s.broker.Disconnect(id) {
+				log.Info("revoked device disconnected", "device", id)
+			}
+		})
+	}()
+	log.Info("fota serving", "mqtt", s.broker.Addr().String(), "api", "https://"+s.api.Addr().String(), "data", cfg.DataDir)
+	return s, nil
+}
+
+// Close stops the API, the broker and the controller, then closes the state file. It returns
+// the first error.
+func (s *server) Close(ctx context.Context) error {
+	var errs []error
+	if s.stopWatch != nil {
+		s.stopWatch()
+		<-s.watchDone
+	}
+	if s.api != nil {
+		errs = append(errs, s.api.Close(ctx))
+	}
+	if s.broker != nil {
+		errs = append(errs, s.broker.Close(ctx))
+	}
+	if s.ctrl != nil {
+		errs = append(errs, s.ctrl.Close(ctx))
+	}
+	if s.store != nil {
+		errs = append(errs, s.store.Close())
+	}
+	if s.db != nil {
+		errs = append(errs, s.db.Close())
+	}
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// firmwareSource gives the controller the manifests and artifacts of the store.
+type firmwareSource struct{ *firmware.Store }
+
+var _ controller.Firmware = firmwareSource{}
+
+func (f firmwareSource) Manifest(model, version string) (protocol.Manifest, error) {
+	fw, err := f.Get(model, version)
+	if err != nil {
+		return protocol.Manifest{}, err
+	}
+	return fw.Manifest(), nil
+}
