@@ -103,8 +103,7 @@ func newFlags(name string, stdout io.Writer) *flag.FlagSet {
 func parseFlags(fs *flag.FlagSet, args []string, maxArgs int) error {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fs.Usage()
-			return err
+			return err // fs.Usage has printed the help
 		}
 		return usagef("%s: %v", fs.Name(), err)
 	}

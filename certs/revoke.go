@@ -1,0 +1,225 @@
+package certs
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/fota-dev/fota/protocol"
+)
+
+// maxRevokedSize bounds how much of revoked.json is read: a million ids fit.
+const maxRevokedSize = 128 << 20
+
+// revokedDoc is the content of revoked.json.
+type revokedDoc struct {
+	Revoked []revokedEntry `json:"revoked"`
+}
+
+type revokedEntry struct {
+	ID string    `json:"id"`
+	At time.Time `json:"at"`
+}
+
+// revokeMu serialises the read-modify-write of revoked.json within one process.
+var revokeMu sync.Mutex
+
+// Revoke adds device id to revoked.json in dir. Revocation is permanent: the id is refused by
+// ServerTLS and can never be issued again. Revoking an id twice, or one never issued, is fine.
+func Revoke(dir, id string) error {
+	if err := protocol.ValidDeviceID(id); err != nil {
+		return fmt.Errorf("revoke: %w", err)
+	}
+	revokeMu.Lock()
+	defer revokeMu.Unlock()
+	path := filepath.Join(dir, RevokedFile)
+	doc, err := readRevokedDoc(path)
+	if err != nil {
+		return fmt.Errorf("revoke %q: %w", id, err)
+	}
+	for _, e := range doc.Revoked {
+		if e.ID == id {
+			return nil
+		}
+	}
+	doc.Revoked = append(doc.Revoked, revokedEntry{ID: id, At: time.Now().UTC().Truncate(time.Second)})
+	data, err := json.MarshalIndent(doc, "", "  ")
+	if err != nil {
+		return fmt.Errorf("revoke %q: %w", id, err)
+	}
+	if err := ensureDir(dir); err != nil {
+		return fmt.Errorf("revoke %q: %w", id, err)
+	}
+	if err := writeFile(path, append(data, '\n'), certMode, false); err != nil {
+		return fmt.Errorf("revoke %q: %w", id, err)
+	}
+	return nil
+}
+
+// readRevokedDoc reads revoked.json; a missing file is an empty list.
+func readRevokedDoc(path string) (revokedDoc, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return revokedDoc{}, nil
+	}
+	if err != nil {
+		return revokedDoc{}, err
+	}
+	defer f.Close()
+	return decodeRevoked(f, path)
+}
+
+// readRevoked returns the revoked ids of path as a set.
+func readRevoked(path string) (map[string]struct{}, error) {
+	doc, err := readRevokedDoc(path)
+	if err != nil {
+		return nil, err
+	}
+	return revokedSet(doc), nil
+}
+
+func decodeRevoked(r io.Reader, path string) (revokedDoc, error) {
+	data, err := io.ReadAll(io.LimitReader(r, maxRevokedSize+1))
+	if err != nil {
+		return revokedDoc{}, fmt.Errorf("read %s: %w", path, err)
+	}
+	if len(data) > maxRevokedSize {
+		return revokedDoc{}, fmt.Errorf("read %s: larger than %d bytes", path, maxRevokedSize)
+	}
+	var doc revokedDoc
+	if err := json.Unmarshal(data, &doc); err != nil {
+		return revokedDoc{}, fmt.Errorf("parse %s: %w", path, err)
+	}
+	for _, e := range doc.Revoked {
+		if err := protocol.ValidDeviceID(e.ID); err != nil {
+			return revokedDoc{}, fmt.Errorf("parse %s: %w", path, err)
+		}
+	}
+	return doc, nil
+}
+
+func revokedSet(doc revokedDoc) map[string]struct{} {
+	m := make(map[string]struct{}, len(doc.Revoked))
+	for _, e := range doc.Revoked {
+		m[e.ID] = struct{}{}
+	}
+	return m
+}
+
+// RevocationList is the revoked.json of a certs dir, reloaded when the file changes. Revoked
+// is lock-free so that it can sit on the TLS handshake path.
+type RevocationList struct {
+	path string
+	ids  atomic.Pointer[map[string]struct{}]
+
+	mu   sync.Mutex  // serialises Reload
+	info fs.FileInfo // of the file last loaded; nil while it is missing
+	err  error       // of the last Reload
+}
+
+// OpenRevocationList loads revoked.json from dir. A missing file is an empty list (it appears
+// with the first revocation); a corrupt one is an error.
+func OpenRevocationList(dir string) (*RevocationList, error) {
+	r := &RevocationList{path: filepath.Join(dir, RevokedFile)}
+	r.ids.Store(&map[string]struct{}{})
+	if _, err := r.Reload(); err != nil {
+		return nil, fmt.Errorf("open revocation list: %w", err)
+	}
+	return r, nil
+}
+
+// Revoked reports whether device id is revoked.
+func (r *RevocationList) Revoked(id string) bool {
+	_, ok := (*r.ids.Load())[id]
+	return ok
+}
+
+// Reload re-reads the file if it changed (another inode, size or mtime) and returns the ids
+// revoked since the last load, sorted. On a corrupt file it keeps the previous list and
+// returns the error. A removed file empties the list.
+func (r *RevocationList) Reload() (added []string, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	added, err = r.reload()
+	r.err = err
+	return added, err
+}
+
+func (r *RevocationList) reload() ([]string, error) {
+	f, err := os.Open(r.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		if r.info != nil {
+			r.info = nil
+			r.ids.Store(&map[string]struct{}{})
+		}
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reload %s: %w", r.path, err)
+	}
+	defer f.Close()
+	// Stat the open file, not the path, so the recorded state is that of what is read.
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("reload %s: %w", r.path, err)
+	}
+	if r.info != nil && os.SameFile(r.info, fi) && fi.Size() == r.info.Size() && fi.ModTime().Equal(r.info.ModTime()) {
+		return nil, nil
+	}
+	doc, err := decodeRevoked(f, r.path)
+	if err != nil {
+		return nil, err
+	}
+	next := revokedSet(doc)
+	prev := *r.ids.Load()
+	var added []string
+	for id := range next {
+		if _, ok := prev[id]; !ok {
+			added = append(added, id)
+		}
+	}
+	slices.Sort(added)
+	r.ids.Store(&next)
+	r.info = fi
+	return added, nil
+}
+
+// Err returns the error of the last Reload, nil after a good one.
+func (r *RevocationList) Err() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.err
+}
+
+// Watch reloads the list every tick (1s when every <= 0) until ctx is done, calling onRevoke
+// (when not nil) for each newly revoked id so that the caller can drop its live connections.
+// A failed reload keeps the previous list and is retried next tick; see Err.
+func (r *RevocationList) Watch(ctx context.Context, every time.Duration, onRevoke func(id string)) {
+	if every <= 0 {
+		every = time.Second
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		added, _ := r.Reload()
+		if onRevoke != nil {
+			for _, id := range added {
+				onRevoke(id)
+			}
+		}
+	}
+}

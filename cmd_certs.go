@@ -1,0 +1,125 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/fota-dev/fota/certs"
+	"github.com/fota-dev/fota/protocol"
+)
+
+// certsDirEnv names the environment variable that --dir defaults to.
+const certsDirEnv = "FOTA_CERTS"
+
+func runCerts(args []string, stdout io.Writer) error {
+	return subcommand("certs", args, stdout, map[string]func([]string, io.Writer) error{
+		"init":   runCertsInit,
+		"issue":  runCertsIssue,
+		"revoke": runCertsRevoke,
+	})
+}
+
+// hostList is a repeatable string flag.
+type hostList []string
+
+func (h *hostList) String() string     { return strings.Join(*h, ",") }
+func (h *hostList) Set(v string) error { *h = append(*h, v); return nil }
+
+func certsDirFlag(fs *flag.FlagSet) *string {
+	return fs.String("dir", os.Getenv(certsDirEnv), "certs directory (default $"+certsDirEnv+")")
+}
+
+func needDir(cmd, dir string) error {
+	if dir == "" {
+		return usagef("%s: --dir is required (or set $%s)", cmd, certsDirEnv)
+	}
+	return nil
+}
+
+func runCertsInit(args []string, stdout io.Writer) error {
+	fs := newFlags("certs init", stdout)
+	dir := certsDirFlag(fs)
+	var hosts hostList
+	fs.Var(&hosts, "host", "extra server certificate name or IP, besides localhost (repeatable)")
+	force := fs.Bool("force", false, "replace an existing CA; certificates it issued stop working")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if err := needDir("certs init", *dir); err != nil {
+		return err
+	}
+	err := certs.Init(*dir, certs.InitOptions{Hosts: hosts, Force: *force})
+	if errors.Is(err, certs.ErrExists) {
+		return fmt.Errorf("certs init: %s already holds a CA; --force replaces it and every device certificate it issued stops working", *dir)
+	}
+	if err != nil {
+		return fmt.Errorf("certs init: %w", err)
+	}
+	fmt.Fprintf(stdout, "wrote CA, server and admin certificates to %s\n", *dir)
+	return nil
+}
+
+func runCertsIssue(args []string, stdout io.Writer) error {
+	fs := newFlags("certs issue", stdout)
+	dir := certsDirFlag(fs)
+	id := fs.String("device", "", "device id: 1-64 bytes, no white space, / + # or leading $")
+	model := fs.String("model", "", "hardware model recorded in the certificate")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if err := needDir("certs issue", *dir); err != nil {
+		return err
+	}
+	if err := validDeviceFlag("certs issue", *id); err != nil {
+		return err
+	}
+	err := certs.IssueDeviceFiles(*dir, *id, *model)
+	switch {
+	case errors.Is(err, certs.ErrRevoked):
+		return fmt.Errorf("certs issue: device %q was revoked, and revocation is permanent; issue the device a new id", *id)
+	case errors.Is(err, certs.ErrExists):
+		return fmt.Errorf("certs issue: device %q already has a certificate or key in %s", *id, filepath.Join(*dir, certs.DevicesDir))
+	case err != nil:
+		return fmt.Errorf("certs issue: %w", err)
+	}
+	base := filepath.Join(*dir, certs.DevicesDir, *id)
+	fmt.Fprintf(stdout, "wrote %s.crt and %s.key\n", base, base)
+	return nil
+}
+
+func runCertsRevoke(args []string, stdout io.Writer) error {
+	fs := newFlags("certs revoke", stdout)
+	dir := certsDirFlag(fs)
+	id := fs.String("device", "", "device id to revoke, permanently")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if err := needDir("certs revoke", *dir); err != nil {
+		return err
+	}
+	if err := validDeviceFlag("certs revoke", *id); err != nil {
+		return err
+	}
+	if err := certs.Revoke(*dir, *id); err != nil {
+		return fmt.Errorf("certs revoke: %w", err)
+	}
+	fmt.Fprintf(stdout, "revoked device %q in %s (permanent: the id cannot be issued again)\n", *id, filepath.Join(*dir, certs.RevokedFile))
+	return nil
+}
+
+// validDeviceFlag turns a bad --device into a usage error: it is a typing mistake, not a
+// failure of the command.
+func validDeviceFlag(cmd, id string) error {
+	if id == "" {
+		return usagef("%s: --device is required", cmd)
+	}
+	if err := protocol.ValidDeviceID(id); err != nil {
+		return usagef("%s: --device: %v", cmd, err)
+	}
+	return nil
+}

@@ -1,0 +1,156 @@
+package main
+
+import (
+	"bytes"
+	"crypto/x509"
+	"encoding/pem"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/fota-dev/fota/certs"
+)
+
+// runCLI runs fota with args and returns the exit code, stdout and stderr.
+func runCLI(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := run(args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func TestCertsCLI(t *testing.T) {
+	t.Setenv(certsDirEnv, "")
+	dir := filepath.Join(t.TempDir(), "certs")
+
+	code, out, errOut := runCLI(t, "certs", "init", "--dir", dir, "--host", "fota.example.com", "--host", "10.0.0.5")
+	if code != 0 {
+		t.Fatalf("certs init: exit %d, stderr %q", code, errOut)
+	}
+	if n := strings.Count(out, "\n"); n != 1 || !strings.Contains(out, dir) {
+		t.Errorf("certs init output: got %q, want one line naming %s", out, dir)
+	}
+	data, err := os.ReadFile(filepath.Join(dir, certs.ServerCertFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := pem.Decode(data)
+	srv, err := x509.ParseCertificate(b.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ips []string
+	for _, ip := range srv.IPAddresses {
+		ips = append(ips, ip.String())
+	}
+	if !slices.Contains(srv.DNSNames, "fota.example.com") || !slices.Contains(ips, "10.0.0.5") {
+		t.Errorf("server names: got %q %q, want fota.example.com and 10.0.0.5 among them", srv.DNSNames, ips)
+	}
+
+	code, _, errOut = runCLI(t, "certs", "init", "--dir", dir)
+	if code != 1 || !strings.Contains(errOut, "--force") {
+		t.Errorf("second certs init: got exit %d, stderr %q; want exit 1 mentioning --force", code, errOut)
+	}
+	if code, _, errOut = runCLI(t, "certs", "init", "--dir", dir, "--force"); code != 0 {
+		t.Errorf("certs init --force: exit %d, stderr %q", code, errOut)
+	}
+
+	code, out, errOut = runCLI(t, "certs", "issue", "--dir", dir, "--device", "dev-1", "--model", "primehub")
+	if code != 0 {
+		t.Fatalf("certs issue: exit %d, stderr %q", code, errOut)
+	}
+	if n := strings.Count(out, "\n"); n != 1 || !strings.Contains(out, "dev-1.crt") {
+		t.Errorf("certs issue output: got %q, want one line naming dev-1.crt", out)
+	}
+	cert, err := certs.LoadDeviceTLS(dir, "dev-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id, model, err := certs.DeviceIdentity(cert.Leaf); err != nil || id != "dev-1" || model != "primehub" {
+		t.Errorf("issued identity: got (%q, %q, %v), want (dev-1, primehub, nil)", id, model, err)
+	}
+	code, _, errOut = runCLI(t, "certs", "issue", "--dir", dir, "--device", "dev-1")
+	if code != 1 || !strings.Contains(errOut, "already has") {
+		t.Errorf("certs issue twice: got exit %d, stderr %q; want exit 1 saying it already has one", code, errOut)
+	}
+
+	code, out, errOut = runCLI(t, "certs", "revoke", "--dir", dir, "--device", "dev-1")
+	if code != 0 || !strings.Contains(out, "permanent") {
+		t.Errorf("certs revoke: got exit %d, stdout %q, stderr %q; want exit 0 saying it is permanent", code, out, errOut)
+	}
+	if code, _, errOut = runCLI(t, "certs", "revoke", "--dir", dir, "--device", "dev-1"); code != 0 {
+		t.Errorf("certs revoke again: got exit %d, stderr %q; want 0", code, errOut)
+	}
+	if err := os.Remove(filepath.Join(dir, certs.DevicesDir, "dev-1.crt")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, certs.DevicesDir, "dev-1.key")); err != nil {
+		t.Fatal(err)
+	}
+	code, _, errOut = runCLI(t, "certs", "issue", "--dir", dir, "--device", "dev-1")
+	if code != 1 || !strings.Contains(errOut, "revoked") || !strings.Contains(errOut, "permanent") {
+		t.Errorf("certs issue of a revoked id: got exit %d, stderr %q; want exit 1 saying revocation is permanent", code, errOut)
+	}
+
+	// $FOTA_CERTS stands in for --dir.
+	t.Setenv(certsDirEnv, dir)
+	if code, _, errOut = runCLI(t, "certs", "issue", "--device", "dev-2"); code != 0 {
+		t.Errorf("certs issue with $%s: exit %d, stderr %q", certsDirEnv, code, errOut)
+	}
+	if _, err := os.Stat(filepath.Join(dir, certs.DevicesDir, "dev-2.key")); err != nil {
+		t.Errorf("certs issue with $%s: %v", certsDirEnv, err)
+	}
+}
+
+func TestCertsCLIUsage(t *testing.T) {
+	t.Setenv(certsDirEnv, "")
+	dir := t.TempDir()
+	if code, _, errOut := runCLI(t, "certs", "init", "--dir", dir); code != 0 {
+		t.Fatalf("certs init: exit %d, stderr %q", code, errOut)
+	}
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		wantCode int
+		wantErr  string
+	}{
+		{"no sub-command", []string{"certs"}, 2, "missing sub-command"},
+		{"unknown sub-command", []string{"certs", "sign"}, 2, "unknown sub-command"},
+		{"no dir", []string{"certs", "init"}, 2, "--dir"},
+		{"unknown flag", []string{"certs", "issue", "--dir", dir, "--device", "d", "--color"}, 2, "color"},
+		{"positional", []string{"certs", "revoke", "--dir", dir, "--device", "d", "extra"}, 2, "extra"},
+		{"bad host", []string{"certs", "init", "--dir", t.TempDir(), "--host", "example.com:8883"}, 1, "bad host"},
+		{"revoke without device", []string{"certs", "revoke", "--dir", dir}, 2, "--device"},
+		{"revoke bad id", []string{"certs", "revoke", "--dir", dir, "--device", "a/b"}, 2, "invalid device id"},
+		{"issue without device", []string{"certs", "issue", "--dir", dir}, 2, "--device"},
+		{"issue empty id", []string{"certs", "issue", "--dir", dir, "--device", ""}, 2, "--device"},
+		{"issue 65 bytes", []string{"certs", "issue", "--dir", dir, "--device", strings.Repeat("a", 65)}, 2, "at most 64"},
+		{"issue slash", []string{"certs", "issue", "--dir", dir, "--device", "a/b"}, 2, "invalid device id"},
+		{"issue plus", []string{"certs", "issue", "--dir", dir, "--device", "a+b"}, 2, "invalid device id"},
+		{"issue hash", []string{"certs", "issue", "--dir", dir, "--device", "a#b"}, 2, "invalid device id"},
+		{"issue dollar", []string{"certs", "issue", "--dir", dir, "--device", "$a"}, 2, "invalid device id"},
+		{"issue space", []string{"certs", "issue", "--dir", dir, "--device", "a b"}, 2, "white space"},
+		{"issue nul", []string{"certs", "issue", "--dir", dir, "--device", "a\x00b"}, 2, "invalid device id"},
+		{"issue tab", []string{"certs", "issue", "--dir", dir, "--device", "a\tb"}, 2, "white space"},
+		{"issue bad model", []string{"certs", "issue", "--dir", dir, "--device", "d", "--model", "a b"}, 1, "model"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, errOut := runCLI(t, tc.args...)
+			if code != tc.wantCode || !strings.Contains(errOut, tc.wantErr) {
+				t.Errorf("got exit %d, stderr %q; want exit %d mentioning %q", code, errOut, tc.wantCode, tc.wantErr)
+			}
+			if n := strings.Count(errOut, "\n"); n != 1 {
+				t.Errorf("stderr: got %d lines, want 1", n)
+			}
+		})
+	}
+	entries, err := os.ReadDir(filepath.Join(dir, certs.DevicesDir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 0 {
+		t.Errorf("refused commands wrote %d files in devices/, want none", len(entries))
+	}
+}
