@@ -62,13 +62,3 @@ type Event struct {
 	Reason  string `json:"reason,omitempty"`  // why, when State is StateFailed
 	Version string `json:"version,omitempty"` // version running, when State is StateInstalled
 }
-
-// Manifest describes one firmware image. Devices install only what a valid manifest allows.
-type Manifest struct {
-	V       int    `json:"v"`
-	Model   string `json:"model"`
-	Version string `json:"version"`
-	Counter uint64 `json:"counter"` // security counter; devices refuse one not above theirs
-	Size    int64  `json:"size"`
-	SHA256  string `json:"sha256"` // hex sha256 of the whole image
-}
