@@ -7,7 +7,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
+	"strings"
 
 	"github.com/fota-dev/fota/protocol"
 )
@@ -84,26 +87,33 @@ func printUsage(w io.Writer) {
 	}
 }
 
-// newFlags returns a flag set that reports errors instead of exiting and prints its usage
-// only when asked with -h.
+// newFlags returns a flag set that reports errors instead of exiting; its usage is printed
+// only when asked for with -h, so a mistake costs the user one line.
 func newFlags(name string, stdout io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet("fota "+name, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	fs.Usage = func() {
-		fs.SetOutput(stdout)
-		fmt.Fprintf(stdout, "usage: fota %s [flags]\n", name)
-		fs.PrintDefaults()
-		fs.SetOutput(io.Discard)
-	}
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(helpOutput{stdout})
+	fs.Usage = func() {}
 	return fs
 }
 
+// helpOutput is a flag set's output: it swallows the flag package's own messages (errors are
+// returned and printed once by main) and keeps the writer that -h prints to.
+type helpOutput struct{ w io.Writer }
+
+func (helpOutput) Write(p []byte) (int, error) { return len(p), nil }
+
 // parseFlags parses args into fs, turning flag errors into usage errors and refusing
-// positional arguments unless allowed.
+// positional arguments beyond maxArgs.
 func parseFlags(fs *flag.FlagSet, args []string, maxArgs int) error {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return err // fs.Usage has printed the help
+			if out, ok := fs.Output().(helpOutput); ok {
+				fmt.Fprintf(out.w, "usage: fota %s [flags]\n", fs.Name())
+				fs.SetOutput(out.w)
+				fs.PrintDefaults()
+				fs.SetOutput(out)
+			}
+			return err
 		}
 		return usagef("%s: %v", fs.Name(), err)
 	}
@@ -113,14 +123,20 @@ func parseFlags(fs *flag.FlagSet, args []string, maxArgs int) error {
 	return nil
 }
 
-// subcommand picks the sub-command in args[0] from subs.
+// subcommand picks the sub-command in args[0] from subs; -h lists them.
 func subcommand(group string, args []string, stdout io.Writer, subs map[string]func([]string, io.Writer) error) error {
+	names := slices.Sorted(maps.Keys(subs))
 	if len(args) == 0 {
-		return usagef("%s: missing sub-command", group)
+		return usagef("%s: missing sub-command, one of: %s", group, strings.Join(names, ", "))
+	}
+	switch args[0] {
+	case "-h", "--help", "help":
+		fmt.Fprintf(stdout, "usage: fota %s {%s} [flags]\n", group, strings.Join(names, "|"))
+		return flag.ErrHelp
 	}
 	f, ok := subs[args[0]]
 	if !ok {
-		return usagef("%s: unknown sub-command %q", group, args[0])
+		return usagef("%s: unknown sub-command %q, want one of: %s", group, args[0], strings.Join(names, ", "))
 	}
 	return f(args[1:], stdout)
 }

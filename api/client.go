@@ -1,0 +1,269 @@
+package api
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/fota-dev/fota/controller"
+	"github.com/fota-dev/fota/firmware"
+)
+
+// Error is an error response from the server.
+type Error struct {
+	StatusCode int
+	Message    string
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("fota server: %s (%d)", e.Message, e.StatusCode)
+}
+
+// maxErrorBody bounds how much of an error response the client reads.
+const maxErrorBody = 64 << 10
+
+// Client talks to a fota admin API. It is safe for concurrent use.
+type Client struct {
+	base    string
+	baseErr error
+	tr      *http.Transport
+	http    *http.Client
+}
+
+// NewClient returns a client for the server at baseURL (e.g. https://127.0.0.1:8080) that
+// authenticates with tlsConf, which should hold the admin certificate and our CA. A bad
+// baseURL is reported by the first call.
+func NewClient(baseURL string, tlsConf *tls.Config) *Client {
+	base := strings.TrimRight(baseURL, "/")
+	var baseErr error
+	if u, err := url.Parse(base); err != nil {
+		baseErr = fmt.Errorf("bad fota server URL %q: %w", baseURL, err)
+	} else if u.Scheme != "https" || u.Host == "" {
+		baseErr = fmt.Errorf("bad fota server URL %q: want https://HOST:PORT", baseURL)
+	}
+	tr := &http.Transport{
+		Proxy:               http.ProxyFromEnvironment,
+		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:     tlsConf.Clone(),
+		TLSHandshakeTimeout: 10 * time.Second,
+		// Counted from the end of the request body, so it covers the server storing an image,
+		// not the upload itself.
+		ResponseHeaderTimeout: time.Minute,
+		// Uploads ask first, so a refused image (too large, bad version) is not sent at all.
+		ExpectContinueTimeout: time.Second,
+		MaxIdleConns:          4,
+		IdleConnTimeout:       time.Minute,
+	}
+	// No overall Client.Timeout: an upload may take long; callers bound calls with ctx.
+	return &Client{base: base, baseErr: baseErr, tr: tr, http: &http.Client{Transport: tr}}
+}
+
+// Close releases idle connections.
+func (c *Client) Close() { c.tr.CloseIdleConnections() }
+
+// Health checks that the server answers and accepts our certificate.
+func (c *Client) Health(ctx context.Context) error {
+	var v map[string]string
+	_, err := c.do(ctx, http.MethodGet, pathHealth, nil, nil, -1, &v)
+	return err
+}
+
+// AddFirmware uploads an image, streaming body. It returns the stored record and whether it
+// is new (false when the same image was already stored under that version). If body is a
+// file, its size is sent up front so that an image over the server's limit is refused before
+// it is sent.
+func (c *Client) AddFirmware(ctx context.Context, model, version, notes string, body io.Reader) (firmware.Firmware, bool, error) {
+	q := url.Values{"model": {model}, "version": {version}}
+	if notes != "" {
+		q.Set("notes", notes)
+	}
+	var f firmware.Firmware
+	status, err := c.do(ctx, http.MethodPost, pathFirmware, q, body, bodySize(body), &f)
+	if err != nil {
+		return firmware.Firmware{}, false, err
+	}
+	return f, status == http.StatusCreated, nil
+}
+
+// bodySize returns the number of bytes left in r, or -1 if that is unknown.
+func bodySize(r io.Reader) int64 {
+	switch b := r.(type) {
+	case interface{ Len() int }: // bytes.Reader, bytes.Buffer, strings.Reader
+		return int64(b.Len())
+	case *os.File:
+		fi, err := b.Stat()
+		if err != nil || !fi.Mode().IsRegular() {
+			return -1
+		}
+		off, err := b.Seek(0, io.SeekCurrent)
+		if err != nil || off > fi.Size() {
+			return -1
+		}
+		return fi.Size() - off
+	}
+	return -1
+}
+
+// ListFirmware returns every stored image.
+func (c *Client) ListFirmware(ctx context.Context) ([]firmware.Firmware, error) {
+	var list []firmware.Firmware
+	_, err := c.do(ctx, http.MethodGet, pathFirmware, nil, nil, -1, &list)
+	return list, err
+}
+
+// CreateRollout starts a rollout.
+func (c *Client) CreateRollout(ctx context.Context, spec controller.RolloutSpec) (controller.Rollout, error) {
+	b, err := json.Marshal(spec)
+	if err != nil {
+		return controller.Rollout{}, fmt.Errorf("encode rollout spec: %w", err)
+	}
+	var r controller.Rollout
+	_, err = c.do(ctx, http.MethodPost, pathRollouts, nil, strings.NewReader(string(b)), int64(len(b)), &r)
+	return r, err
+}
+
+// ListRollouts returns every rollout.
+func (c *Client) ListRollouts(ctx context.Context) ([]controller.Rollout, error) {
+	var list []controller.Rollout
+	_, err := c.do(ctx, http.MethodGet, pathRollouts, nil, nil, -1, &list)
+	return list, err
+}
+
+// GetRollout returns one rollout with its jobs.
+func (c *Client) GetRollout(ctx context.Context, id string) (controller.RolloutDetail, error) {
+	var d controller.RolloutDetail
+	if id == "" {
+		return d, errors.New("rollout id is empty")
+	}
+	_, err := c.do(ctx, http.MethodGet, pathRollouts+"/"+url.PathEscape(id), nil, nil, -1, &d)
+	return d, err
+}
+
+// ListDevices returns every registered device.
+func (c *Client) ListDevices(ctx context.Context) ([]controller.Device, error) {
+	var list []controller.Device
+	_, err := c.do(ctx, http.MethodGet, pathDevices, nil, nil, -1, &list)
+	return list, err
+}
+
+// GetDevice returns one device.
+func (c *Client) GetDevice(ctx context.Context, id string) (controller.Device, error) {
+	var d controller.Device
+	if id == "" {
+		return d, errors.New("device id is empty")
+	}
+	_, err := c.do(ctx, http.MethodGet, pathDevices+"/"+url.PathEscape(id), nil, nil, -1, &d)
+	return d, err
+}
+
+// do sends one request and decodes a successful JSON answer into out. size is the body's
+// length, or -1 if unknown.
+func (c *Client) do(ctx context.Context, method, path string, q url.Values, body io.Reader, size int64, out any) (int, error) {
+	if c.baseErr != nil {
+		return 0, c.baseErr
+	}
+	u := c.base + path
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	var rc io.ReadCloser = http.NoBody
+	if body != nil && size != 0 {
+		// The transport closes the request body; the caller's reader (often its file) is
+		// the caller's to close.
+		rc = io.NopCloser(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, rc)
+	if err != nil {
+		return 0, fmt.Errorf("build request: %w", err)
+	}
+	req.Header.Set("Accept", "application/json")
+	if rc != http.NoBody {
+		req.ContentLength = size
+		if path == pathFirmware {
+			req.Header.Set("Content-Type", "application/octet-stream")
+			req.Header.Set("Expect", "100-continue")
+		} else {
+			req.Header.Set("Content-Type", "application/json")
+		}
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return 0, c.requestError(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return resp.StatusCode, responseError(resp)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return resp.StatusCode, fmt.Errorf("fota server: bad response to %s %s: %w", method, path, err)
+	}
+	// Drain what is left so the connection can be reused.
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxErrorBody))
+	return resp.StatusCode, nil
+}
+
+// responseError turns an error response into an *Error with the server's message.
+func responseError(resp *http.Response) error {
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
+	var eb errorBody
+	msg := ""
+	if json.Unmarshal(b, &eb) == nil {
+		msg = eb.Error
+	}
+	if msg == "" {
+		msg = http.StatusText(resp.StatusCode)
+		if msg == "" {
+			msg = "unexpected response"
+		}
+	}
+	// Callers print errors as one line.
+	msg = strings.Join(strings.Fields(msg), " ")
+	return &Error{StatusCode: resp.StatusCode, Message: msg}
+}
+
+// requestError turns a transport failure into one line that names the server and the cause,
+// without the method and URL noise of *url.Error.
+func (c *Client) requestError(err error) error {
+	var opErr *net.OpError
+	var dnsErr *net.DNSError
+	var errno syscall.Errno
+	var verr *tls.CertificateVerificationError
+	switch {
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return fmt.Errorf("request to fota server at %s: %w", c.base, ctxErr(err))
+	case errors.As(err, &dnsErr):
+		return fmt.Errorf("cannot reach fota server at %s: %w", c.base, dnsErr)
+	case errors.As(err, &opErr) && opErr.Op == "dial":
+		if errors.As(opErr.Err, &errno) {
+			return fmt.Errorf("cannot reach fota server at %s: %w", c.base, errno)
+		}
+		return fmt.Errorf("cannot reach fota server at %s: %w", c.base, opErr.Err)
+	case errors.As(err, &opErr) && opErr.Op == "remote error":
+		// The server sent a TLS alert: our certificate was missing or not from its CA.
+		return fmt.Errorf("fota server at %s refused our client certificate (want the admin certificate of its CA): %w", c.base, opErr.Err)
+	case errors.As(err, &verr):
+		return fmt.Errorf("fota server at %s is not trusted (want ca.crt of its certs dir): %w", c.base, verr)
+	}
+	var uerr *url.Error
+	if errors.As(err, &uerr) {
+		err = uerr.Err
+	}
+	return fmt.Errorf("fota server at %s: %w", c.base, err)
+}
+
+func ctxErr(err error) error {
+	if errors.Is(err, context.Canceled) {
+		return context.Canceled
+	}
+	return context.DeadlineExceeded
+}

@@ -1,0 +1,150 @@
+package api
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/fota-dev/fota/controller"
+	"github.com/fota-dev/fota/firmware"
+)
+
+// fakeRollouts serves fixed data, or err for every call when set.
+type fakeRollouts struct {
+	mu       sync.Mutex
+	err      error
+	rollouts []controller.Rollout
+	details  map[string]controller.RolloutDetail
+	devices  []controller.Device
+	specs    []controller.RolloutSpec
+}
+
+var _ Rollouts = (*fakeRollouts)(nil)
+
+func (f *fakeRollouts) CreateRollout(ctx context.Context, spec controller.RolloutSpec) (controller.Rollout, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return controller.Rollout{}, f.err
+	}
+	f.specs = append(f.specs, spec)
+	r := controller.Rollout{
+		ID: fmt.Sprintf("r%d", len(f.specs)), Model: spec.Model, Version: spec.Version,
+		State: controller.RolloutActive, Created: testTime, Updated: testTime,
+		Counts: map[string]int{controller.JobPending: 2},
+	}
+	f.rollouts = append(f.rollouts, r)
+	if f.details == nil {
+		f.details = map[string]controller.RolloutDetail{}
+	}
+	f.details[r.ID] = controller.RolloutDetail{Rollout: r, Jobs: []controller.Job{}}
+	return r, nil
+}
+
+func (f *fakeRollouts) ListRollouts() ([]controller.Rollout, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.rollouts, f.err
+}
+
+func (f *fakeRollouts) GetRollout(id string) (controller.RolloutDetail, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return controller.RolloutDetail{}, f.err
+	}
+	d, ok := f.details[id]
+	if !ok {
+		return d, fmt.Errorf("rollout %q: %w", id, controller.ErrNotFound)
+	}
+	return d, nil
+}
+
+func (f *fakeRollouts) ListDevices() ([]controller.Device, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.devices, f.err
+}
+
+func (f *fakeRollouts) GetDevice(id string) (controller.Device, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return controller.Device{}, f.err
+	}
+	for _, d := range f.devices {
+		if d.ID == id {
+			return d, nil
+		}
+	}
+	return controller.Device{}, fmt.Errorf("device %q: %w", id, controller.ErrNotFound)
+}
+
+// fakeStore reads each upload to the end, like the real store, and keeps what it read.
+type fakeStore struct {
+	err      error // returned after reading the body
+	mu       sync.Mutex
+	list     []firmware.Firmware
+	bodies   map[string][]byte
+	calls    atomic.Int64
+	received atomic.Int64 // bytes read from the current upload so far
+}
+
+var _ FirmwareStore = (*fakeStore)(nil)
+
+func (s *fakeStore) Add(ctx context.Context, req firmware.AddRequest) (firmware.Firmware, bool, error) {
+	s.calls.Add(1)
+	s.received.Store(0)
+	var body []byte
+	buf := make([]byte, 4096)
+	for {
+		n, err := req.Body.Read(buf)
+		body = append(body, buf[:n]...)
+		s.received.Add(int64(n))
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return firmware.Firmware{}, false, fmt.Errorf("add firmware: read body: %w", err)
+		}
+	}
+	if s.err != nil {
+		return firmware.Firmware{}, false, s.err
+	}
+	if len(body) == 0 {
+		return firmware.Firmware{}, false, fmt.Errorf("add firmware: %w", firmware.ErrEmpty)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	key := req.Model + " " + req.Version
+	for _, f := range s.list {
+		if f.Model == req.Model && f.Version == req.Version {
+			if string(s.bodies[key]) != string(body) {
+				return firmware.Firmware{}, false, fmt.Errorf("add firmware %s: %w", key, firmware.ErrConflict)
+			}
+			return f, false, nil
+		}
+	}
+	f := firmware.Firmware{
+		Model: req.Model, Version: req.Version, Size: int64(len(body)),
+		SHA256: fmt.Sprintf("%064x", len(body)), Counter: uint64(len(s.list) + 1),
+		Notes: req.Notes, Created: testTime,
+	}
+	s.list = append(s.list, f)
+	if s.bodies == nil {
+		s.bodies = map[string][]byte{}
+	}
+	s.bodies[key] = body
+	return f, true, nil
+}
+
+func (s *fakeStore) List() ([]firmware.Firmware, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.list, s.err
+}
+
+var testTime = time.Date(2025, 3, 4, 5, 6, 7, 0, time.UTC)

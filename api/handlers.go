@@ -1,0 +1,314 @@
+package api
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/fota-dev/fota/certs"
+	"github.com/fota-dev/fota/controller"
+	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/protocol"
+)
+
+// API paths, shared by the server's routes and the client.
+const (
+	pathHealth   = "/api/v1/health"
+	pathFirmware = "/api/v1/firmware"
+	pathRollouts = "/api/v1/rollouts"
+	pathDevices  = "/api/v1/devices"
+)
+
+// errorBody is the JSON body of every error response.
+type errorBody struct {
+	Error string `json:"error"`
+}
+
+// statusError is an error with the HTTP status and the message the client should see.
+type statusError struct {
+	status int
+	msg    string
+}
+
+func (e *statusError) Error() string { return e.msg }
+
+func errStatus(status int, format string, args ...any) error {
+	return &statusError{status: status, msg: fmt.Sprintf(format, args...)}
+}
+
+// handlerFunc handles one request; a returned error has not been written yet and becomes the
+// JSON error response.
+type handlerFunc func(w http.ResponseWriter, r *http.Request) error
+
+func (s *Server) routes() http.Handler {
+	routes := []struct {
+		method, path string
+		h            handlerFunc
+	}{
+		{http.MethodGet, pathHealth, s.health},
+		{http.MethodPost, pathFirmware, s.addFirmware},
+		{http.MethodGet, pathFirmware, s.listFirmware},
+		{http.MethodPost, pathRollouts, s.createRollout},
+		{http.MethodGet, pathRollouts, s.listRollouts},
+		{http.MethodGet, pathRollouts + "/{id}", s.getRollout},
+		{http.MethodGet, pathDevices, s.listDevices},
+		{http.MethodGet, pathDevices + "/{id}", s.getDevice},
+	}
+	mux := http.NewServeMux()
+	var paths []string
+	allowed := map[string][]string{}
+	for _, rt := range routes {
+		mux.Handle(rt.method+" "+rt.path, s.handle(rt.h))
+		if allowed[rt.path] == nil {
+			paths = append(paths, rt.path)
+		}
+		allowed[rt.path] = append(allowed[rt.path], rt.method)
+	}
+	// The mux's own 404 and 405 answers are plain text; every answer of ours is JSON.
+	for _, p := range paths {
+		allow := strings.Join(allowed[p], ", ")
+		mux.Handle(p, s.handle(func(w http.ResponseWriter, r *http.Request) error {
+			w.Header().Set("Allow", allow)
+			return errStatus(http.StatusMethodNotAllowed, "method %s not allowed on %s; use %s", r.Method, r.URL.Path, allow)
+		}))
+	}
+	mux.Handle("/", s.handle(func(w http.ResponseWriter, r *http.Request) error {
+		return errStatus(http.StatusNotFound, "no such endpoint: %s", r.URL.Path)
+	}))
+	return s.requireAdmin(mux)
+}
+
+// requireAdmin refuses every client but the admin. The TLS layer has already verified that the
+// certificate comes from our CA, but devices hold such certificates too.
+func (s *Server) requireAdmin(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 || !certs.IsAdmin(r.TLS.PeerCertificates[0]) {
+			cn := ""
+			if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+				cn = r.TLS.PeerCertificates[0].Subject.CommonName
+			}
+			s.log.Warn("refused non-admin client", "remote", r.RemoteAddr, "cn", cn, "method", r.Method, "path", r.URL.Path)
+			writeJSON(w, http.StatusForbidden, errorBody{"admin client certificate required"})
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// handle adapts h to http.Handler, writing its error as JSON with a fitting status.
+func (s *Server) handle(h handlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		err := h(w, r)
+		if err == nil {
+			s.log.Debug("request", "method", r.Method, "path", r.URL.Path, "dur", time.Since(start))
+			return
+		}
+		status, msg := s.classify(err)
+		switch {
+		case r.Context().Err() != nil:
+			// The client went away; nobody will read the answer.
+			s.log.Info("request abandoned by client", "method", r.Method, "path", r.URL.Path, "err", err)
+		case status >= 500:
+			s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+		default:
+			s.log.Debug("request refused", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+		}
+		writeJSON(w, status, errorBody{msg})
+	})
+}
+
+// classify maps an error to an HTTP status and the message the client sees. Errors of the
+// documented kinds carry their own text; anything else may hold internals (paths, bbolt
+// detail), so the client gets a generic message and the log gets the rest.
+func (s *Server) classify(err error) (int, string) {
+	var se *statusError
+	var mbe *http.MaxBytesError
+	switch {
+	case errors.As(err, &se):
+		return se.status, se.msg
+	case errors.As(err, &mbe), errors.Is(err, firmware.ErrTooLarge):
+		return http.StatusRequestEntityTooLarge, fmt.Sprintf("firmware image too large: the limit is %d bytes", s.opts.MaxUpload)
+	case errors.Is(err, controller.ErrNotFound), errors.Is(err, firmware.ErrNotFound):
+		return http.StatusNotFound, err.Error()
+	case errors.Is(err, controller.ErrInvalid), errors.Is(err, protocol.ErrBadVersion),
+		errors.Is(err, firmware.ErrBadModel), errors.Is(err, firmware.ErrEmpty):
+		return http.StatusBadRequest, err.Error()
+	case errors.Is(err, controller.ErrConflict), errors.Is(err, firmware.ErrConflict),
+		errors.Is(err, firmware.ErrInUse):
+		return http.StatusConflict, err.Error()
+	}
+	return http.StatusInternalServerError, "internal server error; see the server log"
+}
+
+// writeJSON writes v with status. v is one of our own types, so encoding cannot fail in
+// practice; if it does, the client gets a 500 rather than half a body.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		status = http.StatusInternalServerError
+		b = []byte(`{"error":"internal server error: cannot encode response"}`)
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(b, '\n'))
+}
+
+// decodeJSON reads exactly one JSON object of at most maxJSONBody bytes into v.
+func decodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxJSONBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return errStatus(http.StatusRequestEntityTooLarge, "request body larger than %d bytes", maxJSONBody)
+		}
+		return errStatus(http.StatusBadRequest, "bad request body: %v", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errStatus(http.StatusBadRequest, "bad request body: want one JSON object")
+	}
+	return nil
+}
+
+func (s *Server) health(w http.ResponseWriter, r *http.Request) error {
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	return nil
+}
+
+// addFirmware stores the request body as a firmware image. The body is streamed into the
+// store, never held in memory, and cut off at MaxUpload.
+func (s *Server) addFirmware(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	req := firmware.AddRequest{Model: q.Get("model"), Version: q.Get("version"), Notes: q.Get("notes")}
+	// Check the cheap things before reading a possibly large body.
+	if err := firmware.ValidModel(req.Model); err != nil {
+		return err
+	}
+	if _, err := protocol.ParseVersion(req.Version); err != nil {
+		return err
+	}
+	if r.ContentLength > s.opts.MaxUpload {
+		return errStatus(http.StatusRequestEntityTooLarge, "firmware image too large: %d bytes, the limit is %d", r.ContentLength, s.opts.MaxUpload)
+	}
+	if r.ContentLength == 0 {
+		return errStatus(http.StatusBadRequest, "%v", firmware.ErrEmpty)
+	}
+	// The server-wide deadlines suit small requests; an image over a slow link needs longer.
+	rc := http.NewResponseController(w)
+	deadline := time.Now().Add(uploadTimeout)
+	if err := rc.SetReadDeadline(deadline); err != nil {
+		return fmt.Errorf("extend read deadline: %w", err)
+	}
+	if err := rc.SetWriteDeadline(deadline); err != nil {
+		return fmt.Errorf("extend write deadline: %w", err)
+	}
+	body := &limitReader{r: http.MaxBytesReader(w, r.Body, s.opts.MaxUpload)}
+	req.Body = body
+	f, created, err := s.opts.Firmware.Add(r.Context(), req)
+	if err != nil {
+		if body.over {
+			// Whatever the store wrapped the read error in, the cause is the size.
+			return errStatus(http.StatusRequestEntityTooLarge, "firmware image too large: the limit is %d bytes", s.opts.MaxUpload)
+		}
+		return err
+	}
+	status := http.StatusOK
+	if created {
+		status = http.StatusCreated
+	}
+	writeJSON(w, status, f)
+	return nil
+}
+
+// limitReader remembers whether the upload limit was hit.
+type limitReader struct {
+	r    io.Reader
+	over bool
+}
+
+func (l *limitReader) Read(p []byte) (int, error) {
+	n, err := l.r.Read(p)
+	var mbe *http.MaxBytesError
+	if err != nil && errors.As(err, &mbe) {
+		l.over = true
+	}
+	return n, err
+}
+
+func (s *Server) listFirmware(w http.ResponseWriter, r *http.Request) error {
+	list, err := s.opts.Firmware.List()
+	if err != nil {
+		return fmt.Errorf("list firmware: %w", err)
+	}
+	writeJSON(w, http.StatusOK, nonNil(list))
+	return nil
+}
+
+func (s *Server) createRollout(w http.ResponseWriter, r *http.Request) error {
+	var spec controller.RolloutSpec
+	if err := decodeJSON(w, r, &spec); err != nil {
+		return err
+	}
+	ro, err := s.opts.Rollouts.CreateRollout(r.Context(), spec)
+	if err != nil {
+		return err
+	}
+	w.Header().Set("Location", pathRollouts+"/"+ro.ID)
+	writeJSON(w, http.StatusCreated, ro)
+	return nil
+}
+
+func (s *Server) listRollouts(w http.ResponseWriter, r *http.Request) error {
+	list, err := s.opts.Rollouts.ListRollouts()
+	if err != nil {
+		return fmt.Errorf("list rollouts: %w", err)
+	}
+	writeJSON(w, http.StatusOK, nonNil(list))
+	return nil
+}
+
+func (s *Server) getRollout(w http.ResponseWriter, r *http.Request) error {
+	d, err := s.opts.Rollouts.GetRollout(r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	if d.Jobs == nil {
+		d.Jobs = []controller.Job{}
+	}
+	writeJSON(w, http.StatusOK, d)
+	return nil
+}
+
+func (s *Server) listDevices(w http.ResponseWriter, r *http.Request) error {
+	list, err := s.opts.Rollouts.ListDevices()
+	if err != nil {
+		return fmt.Errorf("list devices: %w", err)
+	}
+	writeJSON(w, http.StatusOK, nonNil(list))
+	return nil
+}
+
+func (s *Server) getDevice(w http.ResponseWriter, r *http.Request) error {
+	d, err := s.opts.Rollouts.GetDevice(r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, d)
+	return nil
+}
+
+// nonNil makes an empty list encode as [] rather than null.
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
+}

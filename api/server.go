@@ -1,0 +1,199 @@
+// Package api is fota's admin API: a small JSON-over-HTTPS server that `fota serve` runs for
+// operators, and the Go client the CLI uses to talk to it. Every request must present the admin
+// client certificate; devices never talk to this API, they speak MQTT.
+package api
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/fota-dev/fota/controller"
+	"github.com/fota-dev/fota/firmware"
+)
+
+// Rollouts is what the API needs of the controller.
+type Rollouts interface {
+	CreateRollout(ctx context.Context, spec controller.RolloutSpec) (controller.Rollout, error)
+	ListRollouts() ([]controller.Rollout, error)
+	GetRollout(id string) (controller.RolloutDetail, error)
+	ListDevices() ([]controller.Device, error)
+	GetDevice(id string) (controller.Device, error)
+}
+
+// FirmwareStore is what the API needs of the artifact store.
+type FirmwareStore interface {
+	Add(ctx context.Context, req firmware.AddRequest) (f firmware.Firmware, created bool, err error)
+	List() ([]firmware.Firmware, error)
+}
+
+// Defaults for Options.
+const (
+	DefaultAddr      = "127.0.0.1:8080"
+	DefaultMaxUpload = 64 << 20
+)
+
+// Timeouts. Ordinary requests are small, so the connection-wide deadlines are short and keep
+// slow or silent clients from holding connections; an upload extends its own deadlines.
+const (
+	readHeaderTimeout = 10 * time.Second
+	readTimeout       = 30 * time.Second
+	writeTimeout      = 30 * time.Second
+	idleTimeout       = 2 * time.Minute
+	uploadTimeout     = 15 * time.Minute
+	maxHeaderBytes    = 64 << 10
+	maxJSONBody       = 1 << 20
+)
+
+// Options configures a Server. Zero values mean the defaults documented on each field.
+type Options struct {
+	// Addr is the TCP address to listen on; default DefaultAddr (loopback only).
+	Addr string
+	// TLS is required and must have ClientAuth set to tls.RequireAndVerifyClientCert; the
+	// server further requires the client certificate to be the admin's (certs.IsAdmin).
+	TLS *tls.Config
+	// Rollouts and Firmware are required.
+	Rollouts Rollouts
+	Firmware FirmwareStore
+	// Logger defaults to slog.Default(); the server adds component=api.
+	Logger *slog.Logger
+	// MaxUpload is the largest firmware image accepted, in bytes; default DefaultMaxUpload.
+	MaxUpload int64
+}
+
+// Server is the admin API server. Start it, then Close it.
+type Server struct {
+	opts Options
+	log  *slog.Logger
+	http *http.Server
+
+	mu      sync.Mutex
+	ln      net.Listener
+	done    chan struct{} // closed when the serve goroutine returns
+	serveEr error
+	closed  bool
+}
+
+// New checks opts and returns a server that is not listening yet.
+func New(opts Options) (*Server, error) {
+	if opts.TLS == nil {
+		return nil, errors.New("api: TLS config is required")
+	}
+	if opts.TLS.ClientAuth != tls.RequireAndVerifyClientCert {
+		// Anything weaker would let the handshake succeed without a verified certificate,
+		// leaving the admin check as the only guard.
+		return nil, errors.New("api: TLS config must require and verify client certificates")
+	}
+	if opts.Rollouts == nil {
+		return nil, errors.New("api: Rollouts is required")
+	}
+	if opts.Firmware == nil {
+		return nil, errors.New("api: Firmware is required")
+	}
+	if opts.Addr == "" {
+		opts.Addr = DefaultAddr
+	}
+	if opts.MaxUpload <= 0 {
+		opts.MaxUpload = DefaultMaxUpload
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	log := opts.Logger.With("component", "api")
+
+	tc := opts.TLS.Clone()
+	// HTTP/2 is only wired up by ServeTLS; with our own listener we speak HTTP/1.1 and say so.
+	tc.NextProtos = []string{"http/1.1"}
+	if tc.MinVersion < tls.VersionTLS12 {
+		tc.MinVersion = tls.VersionTLS12
+	}
+	opts.TLS = tc
+
+	s := &Server{opts: opts, log: log}
+	s.http = &http.Server{
+		Handler:           s.routes(),
+		TLSConfig:         tc,
+		ReadHeaderTimeout: readHeaderTimeout,
+		ReadTimeout:       readTimeout,
+		WriteTimeout:      writeTimeout,
+		IdleTimeout:       idleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
+		// TLS handshake failures (a missing or foreign certificate) land here.
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	return s, nil
+}
+
+// Start binds the listen address and serves in the background. It returns once the listener is
+// bound, so Addr is valid after it.
+func (s *Server) Start() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("api: server closed")
+	}
+	if s.ln != nil {
+		return errors.New("api: server already started")
+	}
+	ln, err := net.Listen("tcp", s.opts.Addr)
+	if err != nil {
+		return fmt.Errorf("api: listen: %w", err)
+	}
+	s.ln = ln
+	s.done = make(chan struct{})
+	tln := tls.NewListener(ln, s.opts.TLS)
+	go func() {
+		defer close(s.done)
+		err := s.http.Serve(tln)
+		if err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("admin API stopped", "err", err)
+			s.mu.Lock()
+			s.serveEr = fmt.Errorf("api: serve: %w", err)
+			s.mu.Unlock()
+		}
+	}()
+	s.log.Info("admin API listening", "addr", ln.Addr().String())
+	return nil
+}
+
+// Addr returns the bound address, or nil before Start.
+func (s *Server) Addr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ln == nil {
+		return nil
+	}
+	return s.ln.Addr()
+}
+
+// Close stops accepting connections and waits for requests in flight to finish, until ctx is
+// done; then it cuts the remaining connections. It returns once the serve goroutine is gone.
+func (s *Server) Close(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	done := s.done
+	s.mu.Unlock()
+
+	err := s.http.Shutdown(ctx)
+	if err != nil {
+		// ctx ended with requests still running: cut them off. Close's own error would only
+		// repeat that the listener is already closed.
+		_ = s.http.Close()
+		err = fmt.Errorf("api: shutdown: %w", err)
+	}
+	if done != nil {
+		<-done
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err == nil {
+		err = s.serveEr
+	}
+	return err
+}

@@ -1,0 +1,166 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"os/signal"
+	"strings"
+	"text/tabwriter"
+	"time"
+	"unicode"
+
+	"github.com/fota-dev/fota/api"
+	"github.com/fota-dev/fota/certs"
+)
+
+// serverEnv names the environment variable that --server defaults to.
+const serverEnv = "FOTA_SERVER"
+
+const defaultServer = "https://127.0.0.1:8080"
+
+// adminFlags are the flags of every command that talks to the admin API.
+type adminFlags struct {
+	server, certs *string
+}
+
+func addAdminFlags(fs *flag.FlagSet) adminFlags {
+	server := os.Getenv(serverEnv)
+	if server == "" {
+		server = defaultServer
+	}
+	return adminFlags{
+		server: fs.String("server", server, "admin API URL (env "+serverEnv+")"),
+		certs:  fs.String("certs", os.Getenv(certsDirEnv), "certs dir holding ca.crt, admin.crt and admin.key (env "+certsDirEnv+")"),
+	}
+}
+
+// check reports a missing --certs or a malformed --server as a usage error. Commands call it
+// with their other flag checks, before doing any work.
+func (f adminFlags) check(cmd string) error {
+	if *f.certs == "" {
+		return usagef("%s: --certs is required (or set $%s)", cmd, certsDirEnv)
+	}
+	u, err := url.Parse(*f.server)
+	if err != nil || u.Scheme != "https" || u.Host == "" || strings.Trim(u.Path, "/") != "" || u.RawQuery != "" || u.User != nil {
+		return usagef("%s: bad --server %q: want https://HOST:PORT", cmd, *f.server)
+	}
+	return nil
+}
+
+// client loads the admin certificate and returns a client for --server.
+func (f adminFlags) client(cmd string) (*api.Client, error) {
+	tc, err := certs.ClientTLS(*f.certs, certs.AdminCertFile, certs.AdminKeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("%s: load the admin certificate: %w", cmd, err)
+	}
+	return api.NewClient(*f.server, tc), nil
+}
+
+// callAPI runs fn with a client and a context that Ctrl-C cancels, then releases the client's
+// connections.
+func (f adminFlags) callAPI(cmd string, fn func(ctx context.Context, c *api.Client) error) error {
+	c, err := f.client(cmd)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	return fn(ctx, c)
+}
+
+// parseFlagsArg parses args holding exactly one positional argument, which may come before,
+// between or after the flags (flag stops at the first non-flag, so "show ID --json" needs two
+// passes).
+func parseFlagsArg(fs *flag.FlagSet, args []string, cmd, what string) (string, error) {
+	if err := parseFlags(fs, args, len(args)); err != nil {
+		return "", err
+	}
+	if fs.NArg() == 0 {
+		return "", usagef("%s: missing %s", cmd, what)
+	}
+	arg, rest := fs.Arg(0), fs.Args()[1:]
+	if err := parseFlags(fs, rest, 0); err != nil {
+		return "", err
+	}
+	return arg, nil
+}
+
+// printJSON writes v as indented JSON.
+func printJSON(w io.Writer, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode JSON: %w", err)
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
+// newTable returns a writer that aligns tab-separated columns; Flush it.
+func newTable(w io.Writer) *tabwriter.Writer {
+	return tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+}
+
+// row writes one table row; cells are cleaned so a value cannot break the layout.
+func row(w io.Writer, cells ...string) {
+	for i, c := range cells {
+		cells[i] = clean(c)
+	}
+	fmt.Fprintln(w, strings.Join(cells, "\t"))
+}
+
+// clean makes s safe to print on one line of a terminal. Some of what we print (failure
+// reasons, versions) comes from devices, and a control character could move the cursor or
+// rewrite what the operator sees.
+func clean(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r == '\t' || r == '\n' || r == '\r' {
+			return ' '
+		}
+		if unicode.IsControl(r) {
+			return '?'
+		}
+		return r
+	}, s)
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func fmtTime(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Local().Format("2006-01-02 15:04:05")
+}
+
+// fmtSize formats a byte count for people: 812 B, 1.5 KiB, 12.3 MiB.
+func fmtSize(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	v, i := float64(n)/unit, 0
+	for v >= unit && i < 4 {
+		v /= unit
+		i++
+	}
+	return fmt.Sprintf("%.1f %ciB", v, "KMGTP"[i])
+}
+
+// short abbreviates a hash for tables.
+func short(sha string) string {
+	if len(sha) > 12 {
+		return sha[:12]
+	}
+	return orDash(sha)
+}

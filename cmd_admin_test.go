@@ -1,0 +1,408 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fota-dev/fota/api"
+	"github.com/fota-dev/fota/certs/certstest"
+	"github.com/fota-dev/fota/controller"
+	"github.com/fota-dev/fota/firmware"
+)
+
+var cliTestTime = time.Date(2025, 3, 4, 5, 6, 7, 0, time.UTC)
+
+// cliFakeStore keeps uploads in memory, like firmware.Store does on disk.
+type cliFakeStore struct {
+	mu     sync.Mutex
+	list   []firmware.Firmware
+	bodies map[string][]byte
+}
+
+func (s *cliFakeStore) Add(ctx context.Context, req firmware.AddRequest) (firmware.Firmware, bool, error) {
+	body, err := io.ReadAll(req.Body)
+	if err != nil {
+		return firmware.Firmware{}, false, fmt.Errorf("add firmware: read body: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, f := range s.list {
+		if f.Model == req.Model && f.Version == req.Version {
+			return f, false, nil
+		}
+	}
+	sum := sha256.Sum256(body)
+	f := firmware.Firmware{
+		Model: req.Model, Version: req.Version, Size: int64(len(body)), SHA256: hex.EncodeToString(sum[:]),
+		Counter: uint64(len(s.list) + 1), Notes: req.Notes, Created: cliTestTime,
+	}
+	s.list = append(s.list, f)
+	if s.bodies == nil {
+		s.bodies = map[string][]byte{}
+	}
+	s.bodies[req.Model+" "+req.Version] = body
+	return f, true, nil
+}
+
+func (s *cliFakeStore) List() ([]firmware.Firmware, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.list), nil
+}
+
+// cliFakeRollouts creates rollouts with two jobs, on devices dev-1 and dev-2.
+type cliFakeRollouts struct {
+	mu      sync.Mutex
+	details []controller.RolloutDetail
+	devices []controller.Device
+}
+
+func (f *cliFakeRollouts) CreateRollout(ctx context.Context, spec controller.RolloutSpec) (controller.Rollout, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if spec.Version == "9.9.9" {
+		return controller.Rollout{}, fmt.Errorf("firmware %s %s %w", spec.Model, spec.Version, controller.ErrNotFound)
+	}
+	id := fmt.Sprintf("r%d", len(f.details)+1)
+	r := controller.Rollout{
+		ID: id, Model: spec.Model, Version: spec.Version, SHA256: strings.Repeat("ab", 32), Size: 3 << 20,
+		State: controller.RolloutActive, Created: cliTestTime, Updated: cliTestTime,
+		Counts: map[string]int{controller.JobDownloading: 1, controller.JobFailed: 1},
+	}
+	jobs := []controller.Job{
+		{ID: "j1", Rollout: id, Device: "dev-1", From: "1.0.0", To: spec.Version, State: controller.JobDownloading, Bytes: 1 << 20, Created: cliTestTime, Updated: cliTestTime},
+		{ID: "j2", Rollout: id, Device: "dev-2", From: "1.0.0", To: spec.Version, State: controller.JobFailed, Reason: "hash-mismatch\x1b[2J", Created: cliTestTime, Updated: cliTestTime},
+	}
+	f.details = append(f.details, controller.RolloutDetail{Rollout: r, Jobs: jobs})
+	return r, nil
+}
+
+func (f *cliFakeRollouts) ListRollouts() ([]controller.Rollout, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var list []controller.Rollout
+	for _, d := range f.details {
+		list = append(list, d.Rollout)
+	}
+	return list, nil
+}
+
+func (f *cliFakeRollouts) GetRollout(id string) (controller.RolloutDetail, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, d := range f.details {
+		if d.ID == id {
+			return d, nil
+		}
+	}
+	return controller.RolloutDetail{}, fmt.Errorf("rollout %s %w", id, controller.ErrNotFound)
+}
+
+func (f *cliFakeRollouts) ListDevices() ([]controller.Device, error) {
+	return f.devices, nil
+}
+
+func (f *cliFakeRollouts) GetDevice(id string) (controller.Device, error) {
+	for _, d := range f.devices {
+		if d.ID == id {
+			return d, nil
+		}
+	}
+	return controller.Device{}, fmt.Errorf("device %s %w", id, controller.ErrNotFound)
+}
+
+type adminAPI struct {
+	url, certs string
+	store      *cliFakeStore
+	rollouts   *cliFakeRollouts
+}
+
+// startAdminAPI runs a real api.Server with fakes behind it, on 127.0.0.1:0, and clears the
+// environment the CLI reads so that only flags count.
+func startAdminAPI(t *testing.T) *adminAPI {
+	t.Helper()
+	t.Setenv(serverEnv, "")
+	t.Setenv(certsDirEnv, "")
+	ca := certstest.New(t)
+	a := &adminAPI{certs: ca.Dir, store: &cliFakeStore{}, rollouts: &cliFakeRollouts{
+		devices: []controller.Device{
+			{ID: "dev-1", Model: "primehub", Version: "1.0.0", Online: true, LastSeen: cliTestTime, Job: "r1/j1"},
+			{ID: "dev-2", Model: "primehub", Version: "1.0.0", LastSeen: cliTestTime},
+		},
+	}}
+	srv, err := api.New(api.Options{
+		Addr: "127.0.0.1:0", TLS: ca.ServerTLS(t), Rollouts: a.rollouts, Firmware: a.store,
+		Logger: slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := srv.Close(ctx); err != nil {
+			t.Errorf("close api server: %v", err)
+		}
+	})
+	a.url = "https://" + srv.Addr().String()
+	return a
+}
+
+// fota runs the CLI against a with args and returns the exit code, stdout and stderr.
+func (a *adminAPI) fota(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	args = append(args, "--server", a.url, "--certs", a.certs)
+	var out, errOut bytes.Buffer
+	code := run(args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func writeTestFile(t *testing.T, name string, data []byte) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// closedPort returns a loopback address nothing listens on.
+func closedPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+func TestAdminCLIErrors(t *testing.T) {
+	a := startAdminAPI(t)
+	image := writeTestFile(t, "fw.bin", []byte("firmware image"))
+	empty := writeTestFile(t, "empty.bin", nil)
+	dead := "https://" + closedPort(t)
+	missing := filepath.Join(t.TempDir(), "nope.bin")
+	tests := []struct {
+		name     string
+		args     []string
+		wantCode int
+		wantErr  string // the whole stderr line, without "fota: " and the newline
+	}{
+		{"unknown flag", []string{"firmware", "list", "--bogus", "--certs", a.certs}, 2,
+			"firmware list: flag provided but not defined: -bogus"},
+		{"missing sub-command", []string{"rollout"}, 2, "rollout: missing sub-command, one of: create, list, show"},
+		{"unknown sub-command", []string{"device", "remove"}, 2, `device: unknown sub-command "remove", want one of: list, show`},
+		{"missing certs", []string{"device", "list"}, 2, "device list: --certs is required (or set $FOTA_CERTS)"},
+		{"plain http server", []string{"device", "list", "--certs", a.certs, "--server", "http://127.0.0.1:8080"}, 2,
+			`device list: bad --server "http://127.0.0.1:8080": want https://HOST:PORT`},
+		{"missing file", []string{"firmware", "add", "--model", "primehub", "--version", "1.2.3", "--file", missing, "--certs", a.certs, "--server", a.url}, 1,
+			"firmware add: cannot read firmware file " + missing + ": no such file or directory"},
+		{"empty file", []string{"firmware", "add", "--model", "primehub", "--version", "1.2.3", "--file", empty, "--certs", a.certs, "--server", a.url}, 1,
+			"firmware add: firmware file " + empty + " is empty"},
+		{"bad version", []string{"firmware", "add", "--model", "primehub", "--version", "1.2.x", "--file", image, "--certs", a.certs}, 2,
+			`firmware add: bad version "1.2.x": want MAJOR.MINOR.PATCH with an optional -PRERELEASE, e.g. 1.2.3`},
+		{"missing model", []string{"firmware", "add", "--version", "1.2.3", "--file", image, "--certs", a.certs}, 2,
+			"firmware add: --model is required"},
+		{"missing rollout id", []string{"rollout", "show", "--json", "--certs", a.certs}, 2, "rollout show: missing rollout ID"},
+		{"two rollout ids", []string{"rollout", "show", "r1", "r2", "--certs", a.certs}, 2, `rollout show: unexpected argument "r2"`},
+		{"unreachable server", []string{"firmware", "add", "--model", "primehub", "--version", "1.2.3", "--file", image, "--certs", a.certs, "--server", dead}, 1,
+			"cannot reach fota server at " + dead + ": connection refused"},
+		{"unreachable server on list", []string{"rollout", "list", "--certs", a.certs, "--server", dead}, 1,
+			"cannot reach fota server at " + dead + ": connection refused"},
+		{"certs dir without admin cert", []string{"device", "list", "--certs", t.TempDir(), "--server", a.url}, 1, ""},
+		{"server error", []string{"rollout", "show", "nope", "--certs", a.certs, "--server", a.url}, 1,
+			"fota server: rollout nope not found (404)"},
+		{"firmware missing on server", []string{"rollout", "create", "--model", "primehub", "--version", "9.9.9", "--certs", a.certs, "--server", a.url}, 1,
+			"fota server: firmware primehub 9.9.9 not found (404)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out, errOut bytes.Buffer
+			code := run(tt.args, &out, &errOut)
+			stderr := errOut.String()
+			if code != tt.wantCode {
+				t.Errorf("got exit %d, want %d (stderr %q)", code, tt.wantCode, stderr)
+			}
+			if !strings.HasPrefix(stderr, "fota: ") || !strings.HasSuffix(stderr, "\n") || strings.Count(stderr, "\n") != 1 {
+				t.Errorf("got stderr %q, want one line starting with \"fota: \"", stderr)
+			}
+			if strings.Contains(stderr, "goroutine") || strings.Contains(stderr, "panic") {
+				t.Errorf("got stderr %q, want no panic", stderr)
+			}
+			if want := "fota: " + tt.wantErr + "\n"; tt.wantErr != "" && stderr != want {
+				t.Errorf("got stderr %q, want %q", stderr, want)
+			}
+			// Nothing may write to stdout on failure, not even the flag usage.
+			if out.Len() != 0 {
+				t.Errorf("got stdout %q, want nothing", out.String())
+			}
+		})
+	}
+	if n := len(a.store.list); n != 0 {
+		t.Errorf("got %d firmware stored, want 0", n)
+	}
+}
+
+func TestAdminCLIEnvDefaults(t *testing.T) {
+	a := startAdminAPI(t)
+	t.Setenv(serverEnv, a.url)
+	t.Setenv(certsDirEnv, a.certs)
+	var out, errOut bytes.Buffer
+	if code := run([]string{"device", "list", "--json"}, &out, &errOut); code != 0 {
+		t.Fatalf("got exit %d, stderr %q; want 0", code, errOut.String())
+	}
+	var got []controller.Device
+	if err := json.Unmarshal(out.Bytes(), &got); err != nil || !reflect.DeepEqual(got, a.rollouts.devices) {
+		t.Errorf("got %+v (%v), want %+v", got, err, a.rollouts.devices)
+	}
+}
+
+func TestAdminCLIHappyPath(t *testing.T) {
+	a := startAdminAPI(t)
+	image := []byte(strings.Repeat("primehub firmware 1.2.3\n", 1000))
+	file := writeTestFile(t, "primehub-1.2.3.bin", image)
+
+	t.Run("firmware add", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "firmware", "add", "--model", "primehub", "--version", "1.2.3", "--file", file, "--notes", "fixes wifi")
+		if code != 0 {
+			t.Fatalf("got exit %d, stderr %q; want 0", code, errOut)
+		}
+		sum := sha256.Sum256(image)
+		want := fmt.Sprintf("added firmware primehub 1.2.3: 23.4 KiB, counter 1, sha256 %x\n", sum)
+		if out != want {
+			t.Errorf("got %q, want %q", out, want)
+		}
+		if got := a.store.bodies["primehub 1.2.3"]; !bytes.Equal(got, image) {
+			t.Errorf("server got %d bytes, want the %d of the file", len(got), len(image))
+		}
+	})
+	t.Run("firmware add again", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "firmware", "add", "--model", "primehub", "--version", "1.2.3", "--file", file)
+		if code != 0 || !strings.HasPrefix(out, "firmware primehub 1.2.3 was already stored with this image: 23.4 KiB, counter 1, ") {
+			t.Errorf("got exit %d, stdout %q, stderr %q; want 0 and already stored", code, out, errOut)
+		}
+	})
+	t.Run("firmware list", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "firmware", "list")
+		if code != 0 {
+			t.Fatalf("got exit %d, stderr %q; want 0", code, errOut)
+		}
+		lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+		if len(lines) != 2 || !strings.HasPrefix(lines[0], "MODEL     VERSION  COUNTER  SIZE      SHA256") ||
+			!strings.HasPrefix(lines[1], "primehub  1.2.3    1        23.4 KiB  ") || !strings.HasSuffix(lines[1], "  fixes wifi") {
+			t.Errorf("got\n%s\nwant a header and one aligned row for primehub 1.2.3", out)
+		}
+	})
+	t.Run("firmware list --json", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "firmware", "list", "--json")
+		if code != 0 {
+			t.Fatalf("got exit %d, stderr %q; want 0", code, errOut)
+		}
+		var got []firmware.Firmware
+		if err := json.Unmarshal([]byte(out), &got); err != nil || !reflect.DeepEqual(got, a.store.list) {
+			t.Errorf("got %+v (%v), want %+v", got, err, a.store.list)
+		}
+	})
+
+	var created controller.Rollout
+	t.Run("rollout create --json", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "rollout", "create", "--model", "primehub", "--version", "1.2.3", "--json")
+		if code != 0 {
+			t.Fatalf("got exit %d, stderr %q; want 0", code, errOut)
+		}
+		if err := json.Unmarshal([]byte(out), &created); err != nil {
+			t.Fatalf("got %q, want a JSON rollout: %v", out, err)
+		}
+		if created.ID != "r1" || created.Model != "primehub" || created.Version != "1.2.3" {
+			t.Errorf("got %+v, want rollout r1 of primehub 1.2.3", created)
+		}
+	})
+	t.Run("rollout create", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "rollout", "create", "--model", "primehub", "--version", "1.2.3")
+		want := "rollout r2 created: primehub 1.2.3, active, 2 jobs: downloading 1, failed 1\n"
+		if code != 0 || out != want {
+			t.Errorf("got exit %d, stdout %q, stderr %q; want 0 and %q", code, out, errOut, want)
+		}
+	})
+	t.Run("rollout show --json", func(t *testing.T) {
+		// The ID before the flags, as people type it.
+		var out, errOut bytes.Buffer
+		code := run([]string{"rollout", "show", "r1", "--json", "--server", a.url, "--certs", a.certs}, &out, &errOut)
+		if code != 0 {
+			t.Fatalf("got exit %d, stderr %q; want 0", code, errOut.String())
+		}
+		var got controller.RolloutDetail
+		want, _ := a.rollouts.GetRollout("r1")
+		if err := json.Unmarshal(out.Bytes(), &got); err != nil || !reflect.DeepEqual(got, want) {
+			t.Errorf("got %+v (%v), want %+v", got, err, want)
+		}
+	})
+	t.Run("rollout show", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "rollout", "show", "r1")
+		if code != 0 {
+			t.Fatalf("got exit %d, stderr %q; want 0", code, errOut)
+		}
+		for _, want := range []string{
+			"rollout  r1\n",
+			"state    active\n",
+			"jobs     2 jobs: downloading 1, failed 1\n",
+			"\nDEVICE  FROM   TO     STATE        BYTES    REASON\n",
+			"dev-1   1.0.0  1.2.3  downloading  1.0 MiB  -\n",
+			"dev-2   1.0.0  1.2.3  failed       0 B      hash-mismatch?[2J\n",
+		} {
+			if !strings.Contains(out, want) {
+				t.Errorf("got\n%s\nwant it to contain %q", out, want)
+			}
+		}
+		if strings.Contains(out, "\x1b") {
+			t.Errorf("got an escape character in %q, want it replaced", out)
+		}
+	})
+	t.Run("rollout list", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "rollout", "list")
+		lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+		if code != 0 || len(lines) != 3 || !strings.HasPrefix(lines[1], "r1  primehub  1.2.3    active  2     0          1       ") {
+			t.Errorf("got exit %d, stderr %q, stdout\n%s\nwant a header and rows for r1 and r2", code, errOut, out)
+		}
+	})
+	t.Run("device list", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "device", "list")
+		lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+		if code != 0 || len(lines) != 3 || !strings.HasPrefix(lines[1], "dev-1  primehub  1.0.0    yes     ") || !strings.HasSuffix(lines[1], "  r1/j1") {
+			t.Errorf("got exit %d, stderr %q, stdout\n%s\nwant a header and rows for dev-1 and dev-2", code, errOut, out)
+		}
+	})
+	t.Run("device show --json", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "device", "show", "dev-2", "--json")
+		var got controller.Device
+		if err := json.Unmarshal([]byte(out), &got); code != 0 || err != nil || !reflect.DeepEqual(got, a.rollouts.devices[1]) {
+			t.Errorf("got exit %d, stderr %q, device %+v (%v); want %+v", code, errOut, got, err, a.rollouts.devices[1])
+		}
+	})
+	t.Run("device show", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "device", "show", "dev-1")
+		if code != 0 || !strings.Contains(out, "device     dev-1\n") || !strings.Contains(out, "online     yes\n") {
+			t.Errorf("got exit %d, stderr %q, stdout\n%s\nwant dev-1 online", code, errOut, out)
+		}
+	})
+}

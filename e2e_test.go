@@ -1,0 +1,253 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/fota-dev/fota/api"
+	"github.com/fota-dev/fota/certs"
+	"github.com/fota-dev/fota/controller"
+	"github.com/fota-dev/fota/devicesim"
+	"github.com/fota-dev/fota/protocol"
+)
+
+// testServer starts the real server on loopback with fresh certificates and state.
+func testServer(t *testing.T) (*server, string) {
+	t.Helper()
+	dir := t.TempDir()
+	certsDir := filepath.Join(dir, "certs")
+	if err := certs.Init(certsDir, certs.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := startServer(serverConfig{
+		DataDir: filepath.Join(dir, "data"), CertsDir: certsDir,
+		MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close(context.Background()) })
+	return srv, certsDir
+}
+
+func adminClient(t *testing.T, srv *server, certsDir string) *api.Client {
+	t.Helper()
+	tlsConf, err := certs.ClientTLS(certsDir, certs.AdminCertFile, certs.AdminKeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return api.NewClient("https://"+srv.api.Addr().String(), tlsConf)
+}
+
+// TestEndToEnd updates three simulated devices through the real server: firmware uploaded over
+// the admin API, offered by the controller, streamed in chunks by the broker, verified and
+// installed by each device, every transition recorded.
+func TestEndToEnd(t *testing.T) {
+	srv, certsDir := testServer(t)
+	client := adminClient(t, srv, certsDir)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, v := range []string{demoFrom, demoTo} {
+		if _, _, err := client.AddFirmware(ctx, demoModel, v, "", bytes.NewReader(demoImage(v))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const n = 3
+	tlsFor, err := deviceTLSFor(certsDir, srv.broker.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	results := make(chan []devicesim.Result, 1)
+	errs := make(chan error, 1)
+	go func() {
+		rs, err := devicesim.RunFleet(ctx, devicesim.FleetConfig{
+			N: n, Model: demoModel, Version: demoFrom, Image: demoImage(demoFrom),
+			Broker: srv.broker.Addr().String(), TLSFor: tlsFor, UntilVersion: demoTo,
+		})
+		results <- rs
+		errs <- err
+	}()
+	if err := waitOnline(ctx, client, n); err != nil {
+		t.Fatal(err)
+	}
+	r, err := client.CreateRollout(ctx, controller.RolloutSpec{Model: demoModel, Version: demoTo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := <-results
+	if err := <-errs; err != nil {
+		t.Fatalf("fleet: %v", err)
+	}
+	if len(rs) != n {
+		t.Fatalf("got %d results, want %d", len(rs), n)
+	}
+	wantBytes := int64(len(demoImage(demoTo)))
+	for _, x := range rs {
+		if x.State != protocol.StateInstalled || x.From != demoFrom || x.To != demoTo || x.Bytes != wantBytes {
+			t.Errorf("device %s: got %s %s->%s %d bytes, want installed %s->%s %d bytes", x.ID, x.State, x.From, x.To, x.Bytes, demoFrom, demoTo, wantBytes)
+		}
+	}
+	// The server's record agrees, once the last installed reports are in.
+	d, err := waitFinished(ctx, client, r.ID, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Counts[controller.JobInstalled] != n || d.State != controller.RolloutCompleted {
+		t.Fatalf("got rollout %s with counts %v, want %s with %d installed", d.State, d.Counts, controller.RolloutCompleted, n)
+	}
+	for _, j := range d.Jobs {
+		if j.From != demoFrom || j.To != demoTo || j.Started.IsZero() || j.Finished.IsZero() {
+			t.Errorf("job %+v: want from, to, started and finished recorded", j)
+		}
+	}
+	ds, err := client.ListDevices(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range ds {
+		if d.Version != demoTo {
+			t.Errorf("device %s: got version %s, want %s", d.ID, d.Version, demoTo)
+		}
+	}
+}
+
+// TestRevokeLiveServer revokes a connected device with the CLI: the running server closes its
+// connection and refuses it from then on, without a restart.
+func TestRevokeLiveServer(t *testing.T) {
+	srv, certsDir := testServer(t)
+	addr := srv.broker.Addr().String()
+	if code := run([]string{"certs", "issue", "--dir", certsDir, "--device", "dev-7"}, io.Discard, io.Discard); code != 0 {
+		t.Fatalf("certs issue: exit %d", code)
+	}
+	lost := make(chan struct{}, 1)
+	connect := func() (mqtt.Client, error) {
+		cert, err := certs.LoadDeviceTLS(certsDir, "dev-7")
+		if err != nil {
+			return nil, err
+		}
+		tlsConf, err := certs.ClientTLS(certsDir, filepath.Join(certs.DevicesDir, "dev-7.crt"), filepath.Join(certs.DevicesDir, "dev-7.key"))
+		if err != nil {
+			return nil, err
+		}
+		tlsConf.Certificates = []tls.Certificate{cert}
+		tlsConf.ServerName = "127.0.0.1"
+		opts := mqtt.NewClientOptions().AddBroker("tls://" + addr).SetClientID("dev-7").
+			SetTLSConfig(tlsConf).SetProtocolVersion(4).SetAutoReconnect(false).
+			SetConnectRetry(false).SetConnectTimeout(5 * time.Second).
+			SetConnectionLostHandler(func(mqtt.Client, error) { lost <- struct{}{} })
+		c := mqtt.NewClient(opts)
+		tok := c.Connect()
+		tok.WaitTimeout(10 * time.Second)
+		return c, tok.Error()
+	}
+	c, err := connect()
+	if err != nil {
+		t.Fatalf("connect before revocation: %v", err)
+	}
+	defer c.Disconnect(0)
+	var stderr bytes.Buffer
+	if code := run([]string{"certs", "revoke", "--dir", certsDir, "--device", "dev-7"}, io.Discard, &stderr); code != 0 {
+		t.Fatalf("certs revoke: exit %d: %s", code, stderr.String())
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("revoked device still connected after 10s")
+	}
+	if c2, err := connect(); err == nil {
+		c2.Disconnect(0)
+		t.Fatal("revoked device connected again")
+	}
+}
+
+// TestSecondServeFailsFast: a second server on the same data dir stops at once with a clear
+// error instead of waiting for the state file.
+func TestSecondServeFailsFast(t *testing.T) {
+	dir := t.TempDir()
+	certsDir := filepath.Join(dir, "certs")
+	if err := certs.Init(certsDir, certs.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	data := filepath.Join(dir, "data")
+	srv, err := startServer(serverConfig{DataDir: data, CertsDir: certsDir, MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close(context.Background())
+	var stderr bytes.Buffer
+	start := time.Now()
+	code := run([]string{"serve", "--data", data, "--certs", certsDir, "--mqtt", "127.0.0.1:0", "--api", "127.0.0.1:0"}, io.Discard, &stderr)
+	if code == 0 {
+		t.Fatal("second serve on the same data dir: exit 0, want failure")
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("second serve took %v to fail, want fast", took)
+	}
+	if msg := stderr.String(); !strings.Contains(msg, "in use") || strings.Count(msg, "\n") != 1 {
+		t.Errorf("got stderr %q, want one line saying the data dir is in use", msg)
+	}
+}
+
+// TestServeSignals runs the real binary and stops it with SIGTERM: it must exit 0.
+func TestServeSignals(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "fota")
+	build := exec.Command("go", "build", "-o", bin, ".")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	certsDir := filepath.Join(dir, "certs")
+	if out, err := exec.Command(bin, "certs", "init", "--dir", certsDir).CombinedOutput(); err != nil {
+		t.Fatalf("certs init: %v\n%s", err, out)
+	}
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
+		t.Run(sig.String(), func(t *testing.T) {
+			cmd := exec.Command(bin, "serve", "--data", filepath.Join(dir, "data"), "--certs", certsDir, "--mqtt", "127.0.0.1:0", "--api", "127.0.0.1:0")
+			stdout, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cmd.Stderr = io.Discard
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			// The first line on stdout says it is serving.
+			line := make([]byte, 256)
+			n, err := stdout.Read(line)
+			if err != nil || !strings.Contains(string(line[:n]), "fota serving") {
+				cmd.Process.Kill()
+				t.Fatalf("got %q (%v), want the serving line", line[:n], err)
+			}
+			if err := cmd.Process.Signal(sig); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("serve after %v: %v, want exit 0", sig, err)
+				}
+			case <-time.After(15 * time.Second):
+				cmd.Process.Kill()
+				t.Fatalf("serve still running 15s after %v", sig)
+			}
+		})
+	}
+	_ = os.Remove(bin)
+}
