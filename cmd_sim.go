@@ -1,0 +1,195 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/fota-dev/fota/certs"
+	"github.com/fota-dev/fota/devicesim"
+	"github.com/fota-dev/fota/protocol"
+)
+
+// maxSimDevices bounds --devices: each device is a TLS connection and ~100 KB of memory.
+const maxSimDevices = 100_000
+
+// runSim runs a fleet of simulated devices against a broker.
+//
+//	fota sim --certs DIR --broker ADDR --devices N --model M --version V [--image F]
+//	         [--until-updated] [--target VERSION]
+func runSim(args []string, stdout io.Writer) error {
+	fs := newFlags("sim", stdout)
+	certsDir := fs.String("certs", os.Getenv("FOTA_CERTS"), "certificate directory: ca.crt, and ca.key to issue device certificates in memory, else devices/ID.crt and .key (default $FOTA_CERTS)")
+	broker := fs.String("broker", "127.0.0.1:8883", "broker address, host:port")
+	n := fs.Int("devices", 1, "number of devices")
+	model := fs.String("model", "", "device model (required)")
+	version := fs.String("version", "", "firmware version the devices run (required)")
+	imagePath := fs.String("image", "", "file with the firmware the devices run (default none)")
+	prefix := fs.String("prefix", "sim", "device ids are PREFIX-0001, PREFIX-0002, ...")
+	until := fs.Bool("until-updated", false, "exit once every device has installed a newer version (or --target); exit 1 if any failed")
+	target := fs.String("target", "", "with --until-updated, wait for this version instead of any newer one")
+	verbose := fs.Bool("verbose", false, "log every device's progress to stderr")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+
+	switch {
+	case *certsDir == "":
+		return usagef("sim: --certs is required (or set FOTA_CERTS)")
+	case *n < 1 || *n > maxSimDevices:
+		return usagef("sim: --devices %d: want 1 to %d", *n, maxSimDevices)
+	case *model == "":
+		return usagef("sim: --model is required")
+	case *version == "":
+		return usagef("sim: --version is required")
+	case *target != "" && !*until:
+		return usagef("sim: --target needs --until-updated")
+	}
+	if _, err := protocol.ParseVersion(*version); err != nil {
+		return usagef("sim: --version: %v", err)
+	}
+	if *target != "" {
+		c, err := protocol.CompareVersions(*target, *version)
+		if err != nil {
+			return usagef("sim: --target: %v", err)
+		}
+		if c <= 0 {
+			return usagef("sim: --target %s is not newer than --version %s", *target, *version)
+		}
+	}
+	if err := protocol.ValidDeviceID(*prefix + "-0001"); err != nil {
+		return usagef("sim: --prefix: %v", err)
+	}
+	host, _, err := net.SplitHostPort(*broker)
+	if err != nil {
+		return usagef("sim: --broker %q: %v", *broker, err)
+	}
+	if host == "" {
+		host = "localhost"
+	}
+
+	var image []byte
+	if *imagePath != "" {
+		fi, err := os.Stat(*imagePath)
+		if err != nil {
+			return fmt.Errorf("sim: image: %w", err)
+		}
+		if fi.Size() > devicesim.MaxImageSize {
+			return fmt.Errorf("sim: image %s is %d bytes, at most %d", *imagePath, fi.Size(), devicesim.MaxImageSize)
+		}
+		if image, err = os.ReadFile(*imagePath); err != nil {
+			return fmt.Errorf("sim: image: %w", err)
+		}
+	}
+	tlsFor, err := simTLS(*certsDir, host, *model)
+	if err != nil {
+		return fmt.Errorf("sim: %w", err)
+	}
+
+	level := slog.LevelWarn
+	if *verbose {
+		level = slog.LevelInfo
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	rs, err := devicesim.RunFleet(ctx, devicesim.FleetConfig{
+		N: *n, Model: *model, Version: *version, Image: image, Broker: *broker,
+		TLSFor:       tlsFor,
+		IDPrefix:     *prefix,
+		UntilVersion: *target,
+		UntilUpdated: *until && *target == "",
+		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
+	})
+	if rs == nil {
+		return fmt.Errorf("sim: %w", err)
+	}
+	devicesim.WriteSummary(stdout, rs)
+	if !*until {
+		if err != nil && !errors.Is(err, context.Canceled) {
+			return fmt.Errorf("sim: %w", err)
+		}
+		return nil // stopped by a signal, as intended
+	}
+	if err != nil {
+		return fmt.Errorf("sim: stopped before every device was updated: %w", err)
+	}
+	failed := 0
+	for _, r := range rs {
+		if r.State == protocol.StateFailed {
+			failed++
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("sim: %d of %d devices failed", failed, len(rs))
+	}
+	return nil
+}
+
+// deviceTLSFor returns the client configuration of each device of a fleet that reaches the
+// broker at broker (host:port), with certificates that name no model; see simTLS.
+func deviceTLSFor(dir, broker string) (func(id string) (*tls.Config, error), error) {
+	host, _, err := net.SplitHostPort(broker)
+	if err != nil {
+		return nil, fmt.Errorf("broker %q: %w", broker, err)
+	}
+	if host == "" {
+		host = "localhost"
+	}
+	return simTLS(dir, host, "")
+}
+
+// simTLS returns the client configuration of each simulated device, trusting dir's CA and
+// checking the server's certificate for serverName. With the CA key at hand certificates are
+// issued in memory (naming model, when set), so any number of devices can run without
+// issuing files; otherwise they are loaded from dir/devices.
+func simTLS(dir, serverName, model string) (func(id string) (*tls.Config, error), error) {
+	caPath := filepath.Join(dir, certs.CAFile)
+	pem, err := os.ReadFile(caPath)
+	if err != nil {
+		return nil, fmt.Errorf("read CA: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("read CA: %s holds no certificate", caPath)
+	}
+	config := func(c tls.Certificate) *tls.Config {
+		return &tls.Config{
+			MinVersion:   tls.VersionTLS12,
+			Certificates: []tls.Certificate{c},
+			RootCAs:      pool,
+			ServerName:   serverName,
+		}
+	}
+
+	if _, err := os.Stat(filepath.Join(dir, certs.CAKeyFile)); err == nil {
+		ca, err := certs.LoadAuthority(dir)
+		if err != nil {
+			return nil, err
+		}
+		return func(id string) (*tls.Config, error) {
+			c, err := ca.DeviceTLS(id, certs.IssueOptions{Model: model})
+			if err != nil {
+				return nil, err
+			}
+			return config(c), nil
+		}, nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("CA key: %w", err)
+	}
+	return func(id string) (*tls.Config, error) {
+		c, err := certs.LoadDeviceTLS(dir, id)
+		if err != nil {
+			return nil, err
+		}
+		return config(c), nil
+	}, nil
+}

@@ -1,0 +1,244 @@
+package devicesim
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/fota-dev/fota/protocol"
+)
+
+// Transfer limits. They bound what a confused or hostile server can make a device do: a
+// request is asked again a few times, then the job fails instead of spinning forever.
+const (
+	maxAttempts   = 6  // sends of one range before the job fails with ReasonTransfer
+	maxBusy       = 20 // "busy" answers for one range before the job fails
+	maxWindow     = 32 // the most requests kept outstanding, whatever the offer says
+	maxBackoffExp = 4  // request timeouts double up to 16x RequestTimeout
+)
+
+// errExhausted is returned when one range was asked for too often; the job fails with
+// ReasonTransfer.
+var errExhausted = errors.New("chunk not delivered")
+
+type chunkState uint8
+
+const (
+	chunkPending     chunkState = iota // not asked yet, or waiting in the retry queue
+	chunkOutstanding                   // asked; the answer is due by chunk.due
+	chunkDone
+)
+
+type chunk struct {
+	state    chunkState
+	attempts int       // sends that went unanswered or came back corrupt
+	busy     int       // "busy" answers
+	due      time.Time // outstanding: re-ask after; queued for retry: not before
+}
+
+// download is the state of one transfer: which ranges are done, outstanding or to be asked
+// again, and the bytes received so far. The image is split into fixed ranges of chunkSize
+// bytes (the last one shorter), so a frame maps to exactly one range by its offset.
+//
+// It holds no network state, so it could be persisted as is (buffer plus done ranges) to
+// resume after a reboot, which is what a device with flash would do.
+type download struct {
+	transfer  uint32
+	size      int64
+	chunkSize int
+	window    int
+	timeout   time.Duration
+
+	buf      []byte
+	chunks   []chunk
+	next     int   // first range never asked for
+	retry    []int // ranges to ask again, oldest first; at most window long
+	inflight []int // outstanding ranges; at most window long
+	received int64
+}
+
+func newDownload(o protocol.Offer, timeout time.Duration) *download {
+	cs := o.ChunkSize
+	switch {
+	case cs <= 0:
+		cs = protocol.DefaultChunkSize
+	case cs > protocol.MaxChunkSize:
+		cs = protocol.MaxChunkSize
+	case cs < protocol.MinChunkSize:
+		// Out of contract, but asking for small ranges still works with any server that
+		// honours lengths up to the ChunkSize it announced.
+	}
+	w := o.Window
+	switch {
+	case w <= 0:
+		w = protocol.DefaultWindow
+	case w > maxWindow:
+		w = maxWindow
+	}
+	n := int((o.Size + int64(cs) - 1) / int64(cs))
+	return &download{
+		transfer:  o.Transfer,
+		size:      o.Size,
+		chunkSize: cs,
+		window:    w,
+		timeout:   timeout,
+		buf:       make([]byte, o.Size),
+		chunks:    make([]chunk, n),
+	}
+}
+
+// span returns the offset and length of range i.
+func (dl *download) span(i int) (off int64, n int) {
+	off = int64(i) * int64(dl.chunkSize)
+	return off, int(min(int64(dl.chunkSize), dl.size-off))
+}
+
+// index maps a frame offset to an outstanding range, or returns -1.
+func (dl *download) index(off uint32) int {
+	if int64(off)%int64(dl.chunkSize) != 0 || int64(off) >= dl.size {
+		return -1
+	}
+	i := int(int64(off) / int64(dl.chunkSize))
+	if dl.chunks[i].state != chunkOutstanding {
+		return -1
+	}
+	return i
+}
+
+func (dl *download) complete() bool { return dl.received == dl.size }
+
+func (dl *download) wait(attempts int) time.Duration {
+	return dl.timeout << min(attempts, maxBackoffExp)
+}
+
+// requests marks up to the window's worth of ranges outstanding and returns them: ranges to
+// ask again first, then new ones in order.
+func (dl *download) requests(now time.Time) []protocol.ChunkRequest {
+	var reqs []protocol.ChunkRequest
+	for len(dl.inflight) < dl.window {
+		i := -1
+		for k, r := range dl.retry {
+			if !dl.chunks[r].due.After(now) {
+				i = r
+				dl.retry = append(dl.retry[:k], dl.retry[k+1:]...)
+				break
+			}
+		}
+		if i < 0 && dl.next < len(dl.chunks) {
+			i = dl.next
+			dl.next++
+		}
+		if i < 0 {
+			break
+		}
+		c := &dl.chunks[i]
+		c.state = chunkOutstanding
+		c.due = now.Add(dl.wait(c.attempts))
+		dl.inflight = append(dl.inflight, i)
+		off, n := dl.span(i)
+		reqs = append(reqs, protocol.ChunkRequest{Offset: off, Length: n})
+	}
+	return reqs
+}
+
+// accept stores a data frame's payload. It returns the bytes taken, 0 for a frame that is
+// not an answer to an outstanding request (duplicate, late, unknown offset), or -1 for an
+// answer of the wrong length, which the caller treats like a corrupt frame.
+func (dl *download) accept(off uint32, payload []byte) int {
+	i := dl.index(off)
+	if i < 0 {
+		return 0
+	}
+	o, n := dl.span(i)
+	if len(payload) != n {
+		return -1
+	}
+	copy(dl.buf[o:], payload)
+	dl.chunks[i].state = chunkDone
+	dl.drop(i)
+	dl.received += int64(n)
+	return n
+}
+
+// drop removes range i from the outstanding list.
+func (dl *download) drop(i int) {
+	for k, r := range dl.inflight {
+		if r == i {
+			dl.inflight = append(dl.inflight[:k], dl.inflight[k+1:]...)
+			return
+		}
+	}
+}
+
+// requeue moves outstanding range i to the retry queue, to be asked again from notBefore.
+func (dl *download) requeue(i int, notBefore time.Time) {
+	dl.drop(i)
+	c := &dl.chunks[i]
+	c.state = chunkPending
+	c.due = notBefore
+	dl.retry = append(dl.retry, i)
+}
+
+// reask handles a corrupt or malformed answer at off: that range alone is asked again now.
+// Frames for ranges not outstanding are ignored.
+func (dl *download) reask(off uint32, now time.Time) error {
+	i := dl.index(off)
+	if i < 0 {
+		return nil
+	}
+	c := &dl.chunks[i]
+	c.attempts++
+	if c.attempts >= maxAttempts {
+		o, _ := dl.span(i)
+		return fmt.Errorf("%w: offset %d corrupt %d times", errExhausted, o, c.attempts)
+	}
+	dl.requeue(i, now)
+	return nil
+}
+
+// busy handles a "busy" answer at off: the range is asked again later, with a growing,
+// jittered delay so that many devices told "busy" at once do not come back at once.
+func (dl *download) busy(off uint32, now time.Time) error {
+	i := dl.index(off)
+	if i < 0 {
+		return nil
+	}
+	c := &dl.chunks[i]
+	c.busy++
+	if c.busy > maxBusy {
+		o, _ := dl.span(i)
+		return fmt.Errorf("%w: offset %d: server busy %d times", errExhausted, o, c.busy)
+	}
+	d := dl.wait(c.busy - 1)
+	dl.requeue(i, now.Add(d/2+rand.N(d/2+1)))
+	return nil
+}
+
+// expire re-queues outstanding ranges whose answer is overdue, and fails once one of them
+// has been asked maxAttempts times.
+func (dl *download) expire(now time.Time) error {
+	for k := 0; k < len(dl.inflight); {
+		i := dl.inflight[k]
+		c := &dl.chunks[i]
+		if c.due.After(now) {
+			k++
+			continue
+		}
+		c.attempts++
+		if c.attempts >= maxAttempts {
+			o, _ := dl.span(i)
+			return fmt.Errorf("%w: offset %d unanswered after %d requests", errExhausted, o, c.attempts)
+		}
+		dl.requeue(i, now) // shrinks inflight at k
+	}
+	return nil
+}
+
+// reset forgets outstanding requests after a lost connection: their answers can no longer
+// arrive, so they are asked again at once, without counting as attempts.
+func (dl *download) reset() {
+	for len(dl.inflight) > 0 {
+		dl.requeue(dl.inflight[0], time.Time{})
+	}
+}

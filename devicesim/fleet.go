@@ -1,0 +1,165 @@
+package devicesim
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"github.com/fota-dev/fota/protocol"
+)
+
+// Fleet start-up: devices connect one after another, at most staggerMax apart and within
+// staggerTotal overall, so the broker does not take every TLS handshake in the same instant.
+const (
+	staggerMax   = 20 * time.Millisecond
+	staggerTotal = 2 * time.Second
+)
+
+// FleetConfig describes a fleet of identical devices.
+type FleetConfig struct {
+	N              int
+	Model, Version string
+	Image          []byte
+	Broker         string
+	TLSFor         func(id string) (*tls.Config, error) // certificate per device
+	IDPrefix       string                               // ids IDPrefix-0001 ...; default "sim"
+	// UntilVersion, when set, makes RunFleet return once every device runs this version
+	// (or has failed).
+	UntilVersion string
+	// UntilUpdated makes RunFleet return once every device runs a version newer than Version
+	// (or has failed).
+	UntilUpdated   bool
+	RequestTimeout time.Duration // per device; zero means DefaultRequestTimeout
+	Logger         *slog.Logger
+}
+
+// RunFleet starts cfg.N devices and runs them until the UntilVersion or UntilUpdated
+// condition holds for all of them, or until ctx ends; then it returns ctx.Err() with the
+// results so far. Results are sorted by device id.
+func RunFleet(ctx context.Context, cfg FleetConfig) ([]Result, error) {
+	if cfg.N < 1 {
+		return nil, fmt.Errorf("run fleet: %d devices", cfg.N)
+	}
+	if cfg.TLSFor == nil {
+		return nil, fmt.Errorf("run fleet: no TLSFor")
+	}
+	if cfg.IDPrefix == "" {
+		cfg.IDPrefix = "sim"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.UntilVersion != "" {
+		if _, err := protocol.ParseVersion(cfg.UntilVersion); err != nil {
+			return nil, fmt.Errorf("run fleet: until: %w", err)
+		}
+	}
+	changed := make(chan struct{}, 1)
+	devs := make([]*Device, cfg.N)
+	for i := range devs {
+		id := fmt.Sprintf("%s-%04d", cfg.IDPrefix, i+1)
+		tc, err := cfg.TLSFor(id)
+		if err != nil {
+			return nil, fmt.Errorf("run fleet: %s: %w", id, err)
+		}
+		d, err := New(Config{
+			ID: id, Model: cfg.Model, Version: cfg.Version, Image: cfg.Image,
+			Broker: cfg.Broker, TLS: tc, Logger: cfg.Logger, RequestTimeout: cfg.RequestTimeout,
+			notify: changed,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("run fleet: %w", err)
+		}
+		devs[i] = d
+	}
+
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	stagger := min(staggerMax, staggerTotal/time.Duration(cfg.N))
+	for i, d := range devs {
+		wg.Go(func() {
+			t := time.NewTimer(time.Duration(i) * stagger)
+			defer t.Stop()
+			select {
+			case <-runCtx.Done():
+				return
+			case <-t.C:
+			}
+			d.Run(runCtx) // returns nil once runCtx is done
+		})
+	}
+
+	var err error
+	for err == nil {
+		if (cfg.UntilVersion != "" || cfg.UntilUpdated) && fleetDone(devs, cfg) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			err = ctx.Err()
+		case <-changed:
+		}
+	}
+	cancel()
+	wg.Wait()
+
+	rs := make([]Result, len(devs))
+	for i, d := range devs {
+		rs[i] = d.Result()
+	}
+	slices.SortFunc(rs, func(a, b Result) int { return strings.Compare(a.ID, b.ID) })
+	return rs, err
+}
+
+// fleetDone reports whether every device has reached the fleet's goal or failed.
+func fleetDone(devs []*Device, cfg FleetConfig) bool {
+	for _, d := range devs {
+		v, r := d.snapshot()
+		switch {
+		case r.State == protocol.StateFailed:
+			continue
+		case r.State == protocol.StateInstalling:
+			return false // not rebooted yet
+		case cfg.UntilVersion != "":
+			if c, err := protocol.CompareVersions(v, cfg.UntilVersion); err != nil || c != 0 {
+				return false
+			}
+		default:
+			if c, err := protocol.CompareVersions(v, cfg.Version); err != nil || c <= 0 {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// WriteSummary prints one line per result, and a total.
+func WriteSummary(w io.Writer, rs []Result) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "DEVICE\tFROM\tTO\tBYTES\tSECONDS\tSTATE")
+	counts := map[string]int{}
+	for _, r := range rs {
+		state := r.State
+		if r.Reason != "" {
+			state += " (" + r.Reason + ")"
+		}
+		to := r.To
+		if to == "" {
+			to = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%.2f\t%s\n", r.ID, r.From, to, r.Bytes, r.Duration.Seconds(), state)
+		counts[r.State]++
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "%d devices: %d installed, %d failed, %d other\n", len(rs),
+		counts[protocol.StateInstalled], counts[protocol.StateFailed],
+		len(rs)-counts[protocol.StateInstalled]-counts[protocol.StateFailed])
+}

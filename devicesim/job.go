@@ -1,0 +1,264 @@
+package devicesim
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/fota-dev/fota/protocol"
+)
+
+// maxReason bounds the reason a device reports; details quote manifest fields, which come
+// from the server and may be of any length.
+const maxReason = 256
+
+// maxRecentJobs bounds the jobs whose event sequence a device remembers.
+const maxRecentJobs = 16
+
+func clip(s string) string {
+	if len(s) <= maxReason {
+		return s
+	}
+	return strings.ToValidUTF8(s[:maxReason-3], "") + "..."
+}
+
+func jsonMarshal(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, fmt.Errorf("encode %T: %w", v, err)
+	}
+	return b, nil
+}
+
+// checkOffer decides from the offer alone whether a device running version with anti-rollback
+// counter may install it. The error text becomes the detail of a ReasonBadManifest.
+func checkOffer(o protocol.Offer, model, version string, counter uint64) error {
+	m := o.Manifest
+	switch {
+	case o.V < 1 || o.V > protocol.ProtocolVersion:
+		return fmt.Errorf("offer version %d not supported", o.V)
+	case m.V < 1 || m.V > protocol.ProtocolVersion:
+		return fmt.Errorf("manifest version %d not supported", m.V)
+	case m.Model != model:
+		return fmt.Errorf("model %q, this device is %q", m.Model, model)
+	}
+	c, err := protocol.CompareVersions(m.Version, version)
+	if err != nil {
+		return err
+	}
+	if c <= 0 {
+		return fmt.Errorf("version %s not newer than installed %s", m.Version, version)
+	}
+	// Equal counters pass: a counter only moves when a release fixes a vulnerability.
+	if m.Counter < counter {
+		return fmt.Errorf("counter %d below installed %d", m.Counter, counter)
+	}
+	switch {
+	case m.Size <= 0 || m.Size > MaxImageSize:
+		return fmt.Errorf("size %d outside 1..%d", m.Size, MaxImageSize)
+	case o.Size != m.Size:
+		return fmt.Errorf("offer size %d differs from manifest size %d", o.Size, m.Size)
+	}
+	if b, err := hex.DecodeString(m.SHA256); err != nil || len(b) != sha256.Size {
+		return fmt.Errorf("sha256 %q is not 64 hex digits", m.SHA256)
+	}
+	return nil
+}
+
+// emit sends the job's next event. Events are QoS 1 and not waited for: a lost one is covered
+// by the next Status, and by the server offering the job again.
+func (d *Device) emit(s *session, j *job, ev protocol.Event) {
+	j.seq++
+	ev.V, ev.Job, ev.Seq = protocol.ProtocolVersion, j.id, j.seq
+	if _, ok := d.seqs[j.id]; !ok && len(d.seqs) >= maxRecentJobs {
+		for id := range d.seqs { // forget any one; old jobs are rarely offered again
+			if id != j.id {
+				delete(d.seqs, id)
+				break
+			}
+		}
+	}
+	d.seqs[j.id] = j.seq
+	if ev.State != protocol.StateInstalled && ev.State != protocol.StateFailed {
+		ev.Bytes = j.bytes
+	}
+	b, err := jsonMarshal(ev)
+	if err != nil {
+		d.log.Error("event", "err", err)
+		return
+	}
+	s.last = s.client.Publish(protocol.Topic(d.cfg.ID, protocol.SuffixEvent), 1, false, b)
+}
+
+func (d *Device) onOffer(s *session, payload []byte, now time.Time) {
+	var o protocol.Offer
+	if err := json.Unmarshal(payload, &o); err != nil {
+		d.log.Warn("offer ignored: undecodable", "err", err)
+		return
+	}
+	if o.Job == "" || len(o.Job) > maxJobIDLen {
+		d.log.Warn("offer ignored: bad job id", "len", len(o.Job))
+		return
+	}
+	cur := d.job
+	if cur != nil && cur.id == o.Job {
+		switch {
+		case cur.active():
+			d.log.Debug("offer repeated; already at it", "job", o.Job, "state", cur.state)
+			return
+		case cur.state == protocol.StateInstalled:
+			d.log.Info("offer for an installed job; confirming again", "job", o.Job)
+			d.emit(s, cur, protocol.Event{State: protocol.StateInstalled, Version: d.fw.version})
+			return
+		}
+		// Failed before: the server asks for another attempt.
+	}
+	// A job seen before (failed, refused, superseded) continues its event sequence.
+	j := &job{id: o.Job, offer: o, from: d.fw.version, seq: d.seqs[o.Job], accepted: now}
+	if err := checkOffer(o, d.cfg.Model, d.fw.version, d.fw.counter); err != nil {
+		j.state, j.reason = protocol.StateFailed, clip(protocol.ReasonBadManifest+": "+err.Error())
+		d.log.Warn("offer refused", "job", o.Job, "reason", j.reason)
+		d.emit(s, j, protocol.Event{State: protocol.StateFailed, Reason: j.reason})
+		if cur == nil || !cur.active() {
+			d.job = j
+			d.update(now)
+		}
+		return
+	}
+	if cur != nil && cur.active() {
+		d.log.Info("job superseded", "job", cur.id, "by", o.Job)
+	}
+	j.state, j.dl, j.progress = protocol.StateDownloading, newDownload(o, d.cfg.RequestTimeout), now
+	d.job = j
+	d.update(now)
+	d.log.Info("downloading", "job", o.Job, "version", o.Manifest.Version, "size", o.Size)
+	d.emit(s, j, protocol.Event{State: protocol.StateDownloading})
+	d.pump(s, j, now)
+}
+
+// pump sends as many chunk requests as the window allows.
+func (d *Device) pump(s *session, j *job, now time.Time) {
+	topic := protocol.Topic(d.cfg.ID, protocol.SuffixRequest)
+	for _, r := range j.dl.requests(now) {
+		r.Job = j.id
+		b, err := jsonMarshal(r)
+		if err != nil {
+			d.log.Error("request", "err", err)
+			continue
+		}
+		// QoS 0: a lost request is the same as a lost answer; the timeout covers both.
+		s.client.Publish(topic, 0, false, b)
+	}
+}
+
+func (d *Device) onChunk(s *session, b []byte, now time.Time) {
+	j := d.job
+	if j == nil || j.state != protocol.StateDownloading {
+		return
+	}
+	dl := j.dl
+	f, err := protocol.ParseFrame(b)
+	if err != nil {
+		// The header is not covered by the checksum, but if it names this transfer and an
+		// outstanding range, asking for that range again is cheap and harmless.
+		if len(b) >= protocol.FrameHeaderSize && b[0] == protocol.FrameVersion &&
+			binary.BigEndian.Uint32(b[4:]) == dl.transfer {
+			d.log.Debug("bad frame", "err", err)
+			d.check(s, j, dl.reask(binary.BigEndian.Uint32(b[8:]), now), now)
+		}
+		return
+	}
+	if f.Transfer != dl.transfer {
+		return
+	}
+	if f.Kind == protocol.FrameError {
+		d.onFrameError(s, j, f, now)
+		return
+	}
+	switch n := dl.accept(f.Offset, f.Payload); {
+	case n < 0:
+		d.check(s, j, dl.reask(f.Offset, now), now)
+		return
+	case n == 0:
+		return
+	default:
+		j.bytes += int64(n)
+	}
+	if dl.complete() {
+		d.finish(s, j, now)
+		return
+	}
+	if now.Sub(j.progress) >= progressEvery {
+		j.progress = now
+		d.update(now)
+		d.emit(s, j, protocol.Event{State: protocol.StateDownloading})
+	}
+	d.pump(s, j, now)
+}
+
+func (d *Device) onFrameError(s *session, j *job, f protocol.Frame, now time.Time) {
+	code := string(f.Payload)
+	switch code {
+	case protocol.ErrCodeBusy:
+		d.check(s, j, j.dl.busy(f.Offset, now), now)
+	case protocol.ErrCodeRange, protocol.ErrCodeNoJob:
+		d.fail(s, j, fmt.Sprintf("%s: server says %q at offset %d", protocol.ReasonTransfer, code, f.Offset), now)
+	default:
+		// "internal" or a code this device does not know: the server may recover, so ask
+		// again, counting an attempt.
+		if len(code) > 32 {
+			code = code[:32]
+		}
+		d.log.Warn("chunk error", "job", j.id, "code", code, "offset", f.Offset)
+		d.check(s, j, j.dl.reask(f.Offset, now), now)
+	}
+}
+
+func (d *Device) onTick(s *session, now time.Time) {
+	j := d.job
+	if j == nil || j.state != protocol.StateDownloading {
+		return
+	}
+	d.check(s, j, j.dl.expire(now), now)
+}
+
+// check fails the job on err, or sends the requests the download now wants.
+func (d *Device) check(s *session, j *job, err error, now time.Time) {
+	if err != nil {
+		d.fail(s, j, protocol.ReasonTransfer+": "+err.Error(), now)
+		return
+	}
+	d.pump(s, j, now)
+}
+
+func (d *Device) fail(s *session, j *job, reason string, now time.Time) {
+	j.state, j.reason, j.dl, j.took = protocol.StateFailed, reason, nil, now.Sub(j.accepted)
+	d.update(now)
+	d.log.Warn("job failed", "job", j.id, "reason", reason)
+	d.emit(s, j, protocol.Event{State: protocol.StateFailed, Reason: reason})
+}
+
+// finish verifies the downloaded image and installs it. The old image stays installed unless
+// the new one matches the manifest exactly.
+func (d *Device) finish(s *session, j *job, now time.Time) {
+	m := j.offer.Manifest
+	j.state = protocol.StateVerifying
+	d.update(now)
+	d.emit(s, j, protocol.Event{State: protocol.StateVerifying})
+	img := j.dl.buf
+	sum := sha256.Sum256(img)
+	if got := hex.EncodeToString(sum[:]); int64(len(img)) != m.Size || !strings.EqualFold(got, m.SHA256) {
+		d.fail(s, j, fmt.Sprintf("%s: got sha256 %s, manifest says %s", protocol.ReasonHashMismatch, got, m.SHA256), now)
+		return
+	}
+	j.state, j.dl = protocol.StateInstalling, nil
+	d.update(now)
+	d.emit(s, j, protocol.Event{State: protocol.StateInstalling})
+	d.fw.install(m, img)
+	d.update(now)
+	d.reboot = true
+}
