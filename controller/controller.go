@@ -27,6 +27,7 @@ type Options struct {
 	DB        *bolt.DB
 	Publisher Publisher
 	Firmware  Firmware
+	Deltas    Deltas // optional: without it every device gets the full image
 	Logger    *slog.Logger
 	Now       func() time.Time // clock; default time.Now
 	ChunkSize int              // largest chunk a device may ask for; default protocol.DefaultChunkSize
@@ -76,6 +77,9 @@ type Controller struct {
 
 	transfers sync.Map // device id -> *transfer, read on every chunk request
 
+	// waiting holds the devices whose offer waits for a patch, by base+target sha.
+	waiting map[string]map[string]bool
+
 	offers chan offerMsg
 	wg     sync.WaitGroup
 	closed atomic.Bool
@@ -113,8 +117,9 @@ func New(opts Options) (*Controller, error) {
 	}
 	c := &Controller{
 		opts: opts, db: opts.DB, log: opts.Logger,
-		open:   make(map[string]rolloutRecord),
-		offers: make(chan offerMsg, 1024),
+		open:    make(map[string]rolloutRecord),
+		waiting: make(map[string]map[string]bool),
+		offers:  make(chan offerMsg, 1024),
 	}
 	if err := c.db.Update(createBuckets); err != nil {
 		return nil, fmt.Errorf("controller: %w", err)
@@ -145,7 +150,7 @@ func (c *Controller) load() error {
 		for _, r := range c.open {
 			err := eachJob(tx, r.ID, func(j Job) error {
 				if !Terminal(j.State) && j.State != JobPending {
-					c.setTransfer(j, r)
+					c.setTransfer(j)
 				}
 				return nil
 			})
@@ -350,6 +355,17 @@ func (c *Controller) reconcile(tx *bolt.Tx, d *Device, now time.Time) (*protocol
 		}
 		return nil, c.maybeComplete(tx, r.ID, now)
 	}
+	m, err := c.opts.Firmware.Manifest(r.Model, r.Version)
+	if err != nil {
+		return nil, fmt.Errorf("manifest for rollout %s: %w", r.ID, err)
+	}
+	offered, ok := c.chooseArtifact(d, &j, m)
+	if !ok {
+		// The patch for this device is being made; it is offered when ready.
+		j.Updated = now
+		d.Job = j.ID
+		return nil, putJob(tx, j)
+	}
 	if j.State == JobPending {
 		j.State = JobOffered
 	}
@@ -358,15 +374,70 @@ func (c *Controller) reconcile(tx *bolt.Tx, d *Device, now time.Time) (*protocol
 	if err := putJob(tx, j); err != nil {
 		return nil, err
 	}
-	m, err := c.opts.Firmware.Manifest(r.Model, r.Version)
-	if err != nil {
-		return nil, fmt.Errorf("manifest for rollout %s: %w", r.ID, err)
-	}
-	c.setTransfer(j, r)
+	c.setTransfer(j)
 	return &protocol.Offer{
-		V: protocol.ProtocolVersion, Job: j.ID, Transfer: j.Transfer, Manifest: m,
-		Size: m.Size, ChunkSize: c.opts.ChunkSize, Window: c.opts.Window,
+		V: protocol.ProtocolVersion, Job: j.ID, Transfer: j.Transfer, Manifest: offered,
+		Size: j.Size, ChunkSize: c.opts.ChunkSize, Window: c.opts.Window,
 	}, nil
+}
+
+// chooseArtifact decides what a job streams: a verified patch from the image the device runs
+// when one is ready and small enough, else the full image. It returns ok false while a patch
+// is being made. A job keeps its choice once offered, so a device that reconnects resumes the
+// same transfer.
+func (c *Controller) chooseArtifact(d *Device, j *Job, full protocol.Manifest) (protocol.Manifest, bool) {
+	useFull := func() (protocol.Manifest, bool) {
+		j.Delta, j.Artifact, j.Size = false, full.SHA256, full.Size
+		return full, true
+	}
+	if j.Artifact == full.SHA256 || c.opts.Deltas == nil || d.SHA256 == "" {
+		return useFull()
+	}
+	m, ready, err := c.opts.Deltas.Delta(d.SHA256, full)
+	switch {
+	case err != nil:
+		c.log.Debug("full image", "device", d.ID, "reason", err)
+		return useFull()
+	case !ready:
+		key := d.SHA256 + ":" + full.SHA256
+		if c.waiting[key] == nil {
+			c.waiting[key] = make(map[string]bool)
+		}
+		c.waiting[key][d.ID] = true
+		return protocol.Manifest{}, false
+	}
+	j.Delta, j.Artifact, j.Size = true, m.Delta.PatchSHA256, m.Delta.PatchSize
+	return m, true
+}
+
+// DeltaReady is called when the verdict on the patch from base to target is in: the devices
+// waiting for it are offered the patch, or the full image.
+func (c *Controller) DeltaReady(base, target string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	key := base + ":" + target
+	devices := c.waiting[key]
+	delete(c.waiting, key)
+	for id := range devices {
+		var offer *protocol.Offer
+		err := c.db.Update(func(tx *bolt.Tx) error {
+			d, ok, err := getDevice(tx, id)
+			if err != nil || !ok || !d.Online {
+				return err
+			}
+			if offer, err = c.reconcile(tx, &d, c.opts.Now()); err != nil {
+				return err
+			}
+			return putDevice(tx, d)
+		})
+		if err != nil {
+			c.log.Error("offer after delta", "device", id, "err", err)
+			continue
+		}
+		if offer != nil {
+			c.sendOffer(id, *offer)
+		}
+	}
 }
 
 func (c *Controller) newJob(r rolloutRecord, d *Device, now time.Time) Job {
@@ -412,9 +483,9 @@ func (c *Controller) maybeComplete(tx *bolt.Tx, rollout string, now time.Time) e
 	return putRollout(tx, r)
 }
 
-func (c *Controller) setTransfer(j Job, r rolloutRecord) {
+func (c *Controller) setTransfer(j Job) {
 	c.transfers.Store(j.Device, &transfer{
-		job: j.ID, id: j.Transfer, sha: r.SHA256, size: r.Size, chunkMax: c.opts.ChunkSize,
+		job: j.ID, id: j.Transfer, sha: j.Artifact, size: j.Size, chunkMax: c.opts.ChunkSize,
 	})
 }
 
@@ -473,7 +544,7 @@ func (c *Controller) handleEvent(id string, ev protocol.Event) error {
 		}
 		j.Seq, j.Updated = ev.Seq, now
 		if ev.Bytes > j.Bytes {
-			j.Bytes = min(ev.Bytes, r.Size)
+			j.Bytes = min(ev.Bytes, j.Size)
 		}
 		switch ev.State {
 		case protocol.StateDownloading:
@@ -579,6 +650,10 @@ func (c *Controller) CreateRollout(ctx context.Context, spec RolloutSpec) (Rollo
 				j := c.newJob(out, &d, now)
 				if err := putJob(tx, j); err != nil {
 					return err
+				}
+				if c.opts.Deltas != nil && d.SHA256 != "" {
+					// Start making its patch now, so it is ready when the device connects.
+					c.opts.Deltas.Delta(d.SHA256, m)
 				}
 				continue
 			}

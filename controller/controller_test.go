@@ -9,6 +9,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -21,6 +22,7 @@ import (
 type fakeFirmware struct {
 	model, version string
 	image          []byte
+	blobs          map[string][]byte // other artifacts by sha, e.g. patches
 }
 
 func (f *fakeFirmware) Manifest(model, version string) (protocol.Manifest, error) {
@@ -32,6 +34,9 @@ func (f *fakeFirmware) Manifest(model, version string) (protocol.Manifest, error
 }
 
 func (f *fakeFirmware) ReadAt(sha string, p []byte, off int64) (int, error) {
+	if b, ok := f.blobs[sha]; ok {
+		return bytes.NewReader(b).ReadAt(p, off)
+	}
 	return bytes.NewReader(f.image).ReadAt(p, off)
 }
 
@@ -66,11 +71,12 @@ func (r *recorder) on(topic string) [][]byte {
 }
 
 type harness struct {
-	t   *testing.T
-	db  *bolt.DB
-	fw  *fakeFirmware
-	pub *recorder
-	c   *Controller
+	t      *testing.T
+	db     *bolt.DB
+	fw     *fakeFirmware
+	pub    *recorder
+	c      *Controller
+	deltas *fakeDeltas
 }
 
 func realImage(t *testing.T) []byte {
@@ -96,7 +102,11 @@ func newHarness(t *testing.T) *harness {
 
 func (h *harness) start() {
 	h.t.Helper()
-	c, err := New(Options{DB: h.db, Publisher: h.pub, Firmware: h.fw})
+	opts := Options{DB: h.db, Publisher: h.pub, Firmware: h.fw}
+	if h.deltas != nil {
+		opts.Deltas = h.deltas
+	}
+	c, err := New(opts)
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -117,7 +127,11 @@ func (h *harness) send(device, suffix string, v any) {
 }
 
 func (h *harness) status(device, version string) {
-	h.send(device, protocol.SuffixStatus, protocol.Status{V: 1, Model: "primehub", Version: version, State: protocol.StateIdle})
+	h.statusSHA(device, version, "")
+}
+
+func (h *harness) statusSHA(device, version, sha string) {
+	h.send(device, protocol.SuffixStatus, protocol.Status{V: 1, Model: "primehub", Version: version, SHA256: sha, State: protocol.StateIdle})
 }
 
 // waitOffer polls until the device has been sent n offers and returns the last.
@@ -388,5 +402,83 @@ func TestCreateRolloutErrors(t *testing.T) {
 	rs, err := h.c.ListRollouts()
 	if err != nil || len(rs) != 1 {
 		t.Fatalf("got %d rollouts (%v), want 1", len(rs), err)
+	}
+}
+
+// fakeDeltas answers from a table: a pair is pending until made ready.
+type fakeDeltas struct {
+	mu    sync.Mutex
+	ready map[string]protocol.Manifest
+	asked int
+}
+
+func (f *fakeDeltas) Delta(base string, target protocol.Manifest) (protocol.Manifest, bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.asked++
+	if base == "cafe" {
+		return protocol.Manifest{}, false, errors.New("no delta: base unknown")
+	}
+	m, ok := f.ready[base]
+	return m, ok, nil
+}
+
+func TestDeltaOffers(t *testing.T) {
+	h := newHarness(t)
+	h.deltas = &fakeDeltas{ready: map[string]protocol.Manifest{}}
+	if err := h.c.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h.start()
+	full, _ := h.fw.Manifest("primehub", "7.28.0")
+	base := strings.Repeat("ab", 32)
+	patch := bytes.Repeat([]byte("patch"), 4000)
+	sum := sha256.Sum256(patch)
+	patchSHA := hex.EncodeToString(sum[:])
+	h.fw.blobs = map[string][]byte{patchSHA: patch}
+
+	r, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The patch is being made: no offer yet, the job waits.
+	h.statusSHA("d1", "7.27.0", base)
+	if got := h.job(r.ID, "d1").State; got != JobPending {
+		t.Fatalf("got state %s while the patch is made, want %s", got, JobPending)
+	}
+	if n := len(h.pub.on(protocol.Topic("d1", protocol.SuffixJob))); n != 0 {
+		t.Fatalf("got %d offers before the patch is ready, want 0", n)
+	}
+	// A device whose base is unknown gets the full image at once.
+	h.statusSHA("d2", "7.27.0", "cafe")
+	if o := h.waitOffer("d2", 1); o.Manifest.Delta != nil || o.Size != full.Size {
+		t.Fatalf("got offer %+v, want the full image", o)
+	}
+
+	dm := full
+	dm.Delta = &protocol.Delta{Base: base, PatchSHA256: patchSHA, PatchSize: int64(len(patch)), Format: "test"}
+	h.deltas.mu.Lock()
+	h.deltas.ready[base] = dm
+	h.deltas.mu.Unlock()
+	h.c.DeltaReady(base, full.SHA256)
+	o := h.waitOffer("d1", 1)
+	if o.Manifest.Delta == nil || o.Size != int64(len(patch)) {
+		t.Fatalf("got offer of %d bytes, delta %v; want the %d-byte patch", o.Size, o.Manifest.Delta, len(patch))
+	}
+	j := h.job(r.ID, "d1")
+	if !j.Delta || j.Artifact != patchSHA || j.State != JobOffered {
+		t.Fatalf("got job %+v, want an offered delta of %s", j, patchSHA)
+	}
+	// Chunks come from the patch, bounded by its size.
+	h.send("d1", protocol.SuffixRequest, protocol.ChunkRequest{Job: o.Job, Offset: int64(len(patch)) - 100, Length: 1024})
+	frames := h.pub.on(protocol.Topic("d1", protocol.SuffixChunk))
+	f, err := protocol.ParseFrame(frames[len(frames)-1])
+	if err != nil || !bytes.Equal(f.Payload, patch[len(patch)-100:]) {
+		t.Fatalf("got frame %+v (%v), want the last 100 bytes of the patch", f, err)
+	}
+	// A reconnect re-offers the same patch.
+	h.statusSHA("d1", "7.27.0", base)
+	if o2 := h.waitOffer("d1", 2); o2.Manifest.Delta == nil || o2.Job != o.Job {
+		t.Fatalf("got re-offer %+v, want the same delta job", o2)
 	}
 }

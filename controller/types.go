@@ -26,6 +26,13 @@ type Firmware interface {
 	ReadAt(sha string, p []byte, off int64) (int, error)
 }
 
+// Deltas makes delta patches. Delta returns the signed manifest of a patch from the image
+// with sha base to target; ready is false while the patch is still being made, and err says
+// why no delta will be offered for the pair (the device then gets the full image).
+type Deltas interface {
+	Delta(base string, target protocol.Manifest) (m protocol.Manifest, ready bool, err error)
+}
+
 // Job states, the server's view of one device in one rollout. pending and offered are the
 // server's own; the rest follow the device's events.
 const (
@@ -82,6 +89,9 @@ type Job struct {
 	Bytes    int64     `json:"bytes"`
 	Seq      uint64    `json:"seq"` // last device event applied
 	Transfer uint32    `json:"transfer"`
+	Delta    bool      `json:"delta"`              // streaming a patch rather than the image
+	Artifact string    `json:"artifact,omitempty"` // sha256 of what is streamed
+	Size     int64     `json:"size,omitempty"`     // bytes streamed
 	Created  time.Time `json:"created"`
 	Started  time.Time `json:"started,omitzero"`  // first downloading event
 	Finished time.Time `json:"finished,omitzero"` // installed or failed
