@@ -1,0 +1,167 @@
+package broker
+
+import (
+	"fmt"
+	"strings"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/fota-dev/fota/protocol"
+)
+
+// hook authenticates devices by certificate, enforces the topic ACL and reports sessions to
+// the Broker. Mochi runs a connection's hooks on that connection's goroutine, except
+// OnACLCheck at delivery time, which runs on the publisher's.
+type hook struct {
+	mqtt.HookBase
+	b *Broker
+}
+
+var _ mqtt.Hook = (*hook)(nil)
+
+func (h *hook) ID() string { return "fota-auth" }
+
+func (h *hook) Provides(x byte) bool {
+	switch x {
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
+		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnPublishDropped:
+		return true
+	}
+	return false
+}
+
+// OnConnect decides: it runs first after CONNECT is read, before Mochi takes over any session
+// with the same client id, so a refused client never disturbs the device it claims to be.
+// It refuses with CONNACK "not authorized" itself, because Mochi's own refusal from
+// OnConnectAuthenticate says "bad username or password" to MQTT 5 clients.
+func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	c, ok := cl.Net.Conn.(*conn)
+	if !ok {
+		return packets.ErrNotAuthorized // not from our listener; cannot happen
+	}
+	if reason := h.refusal(c, pk); reason != "" {
+		c.refusalLogged = true
+		h.b.log.Info("connect refused", "reason", reason, "client_id", clip(pk.Connect.ClientIdentifier),
+			"device", c.id, "remote", c.RemoteAddr().String())
+		code := packets.ErrNotAuthorized
+		if cl.Properties.ProtocolVersion < 5 {
+			code = packets.ErrBadUsernameOrPassword // Mochi maps it to 3.1.1's 0x05 not authorized
+		}
+		_ = h.b.srv.SendConnack(cl, code, false, nil)
+		return code
+	}
+	c.authed = true
+
+	// Mochi sets the read deadline from this right after the hook.
+	opts := &h.b.opts
+	ka := clampKeepalive(cl.State.Keepalive, opts.KeepaliveMin, opts.KeepaliveMax)
+	if ka != cl.State.Keepalive {
+		cl.State.Keepalive = ka
+		cl.State.ServerKeepalive = true // told to MQTT 5 clients in CONNACK
+	}
+	// Clean start, no session after the connection: a device resumes transfers from its own
+	// persisted offsets, not from broker state.
+	cl.Properties.Clean = true
+	cl.Properties.Props.SessionExpiryInterval = 0
+	return nil
+}
+
+// refusal says why c may not connect with pk, or "" if it may.
+func (h *hook) refusal(c *conn, pk packets.Packet) string {
+	if c.idErr != nil {
+		return fmt.Sprintf("not a device certificate: %v", c.idErr)
+	}
+	// Again, for a device revoked between its handshake and its CONNECT.
+	if verify := h.b.tls.VerifyConnection; verify != nil {
+		if err := verify(c.ConnectionState()); err != nil {
+			return fmt.Sprintf("certificate refused: %v", err)
+		}
+	}
+	if c.id == mqtt.InlineClientId {
+		// Mochi keeps its in-process client under this id; a device by that name would take
+		// over its session.
+		return "device id reserved by the broker"
+	}
+	if pk.Connect.ClientIdentifier != c.id {
+		return "client id is not the certificate's device id"
+	}
+	// Mochi publishes a will without an ACL check, so it is checked here as a publish.
+	if pk.Connect.WillFlag && !allowed(c.id, pk.Connect.WillTopic, true) {
+		return "will topic not allowed"
+	}
+	return ""
+}
+
+func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
+	c, ok := cl.Net.Conn.(*conn)
+	return ok && c.authed
+}
+
+// OnACLCheck runs for every SUBSCRIBE filter and PUBLISH, and again for every delivery on the
+// real topic, so it only compares strings.
+func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if cl.Net.Inline {
+		return true
+	}
+	c, ok := cl.Net.Conn.(*conn)
+	if !ok || c.idErr != nil {
+		return false
+	}
+	return allowed(c.id, topic, write)
+}
+
+// allowed reports whether device id may publish (write) or subscribe to topic: exactly
+// Root/id/suffix with an upstream suffix to publish and a downstream one to subscribe. A
+// filter with wildcards never equals one of those, so it is refused as a whole.
+func allowed(id, topic string, write bool) bool {
+	rest, ok := strings.CutPrefix(topic, protocol.Root)
+	if !ok || len(rest) == 0 || rest[0] != '/' {
+		return false
+	}
+	rest, ok = strings.CutPrefix(rest[1:], id)
+	if !ok || len(rest) == 0 || rest[0] != '/' {
+		return false
+	}
+	suffix := rest[1:]
+	if write {
+		return protocol.Upstream(suffix)
+	}
+	return protocol.Downstream(suffix)
+}
+
+func (h *hook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
+	if c, ok := cl.Net.Conn.(*conn); ok {
+		c.client = cl
+		h.b.established(c)
+	}
+}
+
+func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	if c, ok := cl.Net.Conn.(*conn); ok {
+		h.b.connected(c)
+		h.b.log.Debug("device connected", "device", c.id, "model", c.model, "remote", c.RemoteAddr().String(),
+			"keepalive", cl.State.Keepalive, "mqtt", cl.Properties.ProtocolVersion)
+	}
+}
+
+func (h *hook) OnPublishDropped(_ *mqtt.Client, _ packets.Packet) {
+	h.b.dropped.Add(1)
+}
+
+// clampKeepalive returns the keepalive (seconds) a device gets for asking asked.
+func clampKeepalive(asked, lo, hi uint16) uint16 {
+	if asked == 0 {
+		return hi
+	}
+	return min(max(asked, lo), hi)
+}
+
+// clip shortens a client-supplied string for a log line.
+func clip(s string) string {
+	const n = 64
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
+}
