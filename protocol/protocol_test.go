@@ -18,7 +18,7 @@ func TestValidDeviceID(t *testing.T) {
 		{"", false},
 		{strings.Repeat("a", 65), false},
 		{"a/b", false}, {"a+b", false}, {"a#b", false}, {"$a", false}, {"a$", false},
-		{"a b", false}, {"a\tb", false}, {"a\x00b", false}, {"a\nb", false}, {"\xff\xfe", false},
+		{"a b", false}, {"a\tb", false}, {"a\x00b", false}, {"a\nb", false}, {"inline", false}, {"\xff\xfe", false},
 	}
 	for _, tc := range tests {
 		err := ValidDeviceID(tc.id)
@@ -141,15 +141,17 @@ func TestManifestSigningBytes(t *testing.T) {
 		t.Fatal("a delta does not change the signed bytes")
 	}
 	for name, mut := range map[string]func(*Manifest){
-		"version 2":        func(m *Manifest) { m.V = 2 },
-		"model with line":  func(m *Manifest) { m.Model = "a\nsize=1" },
-		"model empty":      func(m *Manifest) { m.Model = "" },
-		"bad version":      func(m *Manifest) { m.Version = "x" },
-		"zero size":        func(m *Manifest) { m.Size = 0 },
-		"upper hex":        func(m *Manifest) { m.SHA256 = strings.Repeat("AB", 32) },
-		"short hex":        func(m *Manifest) { m.SHA256 = "abc" },
-		"bad expiry":       func(m *Manifest) { m.Expires = "tomorrow" },
-		"delta format nl":  func(m *Manifest) { m.Delta = &Delta{Base: m.SHA256, PatchSHA256: m.SHA256, PatchSize: 1, Format: "x\nexpires="} },
+		"version 2":       func(m *Manifest) { m.V = 2 },
+		"model with line": func(m *Manifest) { m.Model = "a\nsize=1" },
+		"model empty":     func(m *Manifest) { m.Model = "" },
+		"bad version":     func(m *Manifest) { m.Version = "x" },
+		"zero size":       func(m *Manifest) { m.Size = 0 },
+		"upper hex":       func(m *Manifest) { m.SHA256 = strings.Repeat("AB", 32) },
+		"short hex":       func(m *Manifest) { m.SHA256 = "abc" },
+		"bad expiry":      func(m *Manifest) { m.Expires = "tomorrow" },
+		"delta format nl": func(m *Manifest) {
+			m.Delta = &Delta{Base: m.SHA256, PatchSHA256: m.SHA256, PatchSize: 1, Format: "x\nexpires="}
+		},
 		"delta patch size": func(m *Manifest) { m.Delta = &Delta{Base: m.SHA256, PatchSHA256: m.SHA256, Format: "x"} },
 	} {
 		bad := m

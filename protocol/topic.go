@@ -25,6 +25,9 @@ const (
 // MaxDeviceIDLen is the longest device id accepted, in bytes.
 const MaxDeviceIDLen = 64
 
+// reservedID is the client id the embedded broker uses for itself.
+const reservedID = "inline"
+
 // ErrBadDeviceID is returned (wrapped) by ValidDeviceID.
 var ErrBadDeviceID = errors.New("invalid device id")
 
@@ -37,6 +40,8 @@ func ValidDeviceID(id string) error {
 		return fmt.Errorf("%w: empty", ErrBadDeviceID)
 	case len(id) > MaxDeviceIDLen:
 		return fmt.Errorf("%w: %d bytes, at most %d", ErrBadDeviceID, len(id), MaxDeviceIDLen)
+	case id == reservedID:
+		return fmt.Errorf("%w: %q is reserved for the server's own client", ErrBadDeviceID, id)
 	}
 	for _, r := range id {
 		switch {
