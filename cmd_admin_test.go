@@ -308,8 +308,8 @@ func TestAdminCLIHappyPath(t *testing.T) {
 			t.Fatalf("got exit %d, stderr %q; want 0", code, errOut)
 		}
 		lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
-		if len(lines) != 2 || !strings.HasPrefix(lines[0], "MODEL     VERSION  COUNTER  SIZE      SHA256") ||
-			!strings.HasPrefix(lines[1], "primehub  1.2.3    1        23.4 KiB  ") || !strings.HasSuffix(lines[1], "  fixes wifi") {
+		if len(lines) != 2 || !strings.HasPrefix(lines[0], "MODEL     VERSION  COUNTER  SIGNED  SIZE      SHA256        EXPIRES  CREATED") ||
+			!strings.HasPrefix(lines[1], "primehub  1.2.3    1        no      23.4 KiB  ") || !strings.HasSuffix(lines[1], "  fixes wifi") {
 			t.Errorf("got\n%s\nwant a header and one aligned row for primehub 1.2.3", out)
 		}
 	})

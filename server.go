@@ -36,6 +36,8 @@ type server struct {
 	api       *api.Server
 	stopWatch context.CancelFunc
 	watchDone chan struct{}
+	// releasePub is the release public key file, DATA/release.pub, that devices pin.
+	releasePub string
 }
 
 // stateFile is the bbolt file in the data dir.
@@ -72,8 +74,21 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	if s.db, err = openState(cfg.DataDir); err != nil {
 		return nil, err
 	}
+	// After openState: its lock keeps two servers from generating two keys in one data dir.
+	keys, err := firmware.OpenKeys(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case keys.Generated:
+		log.Info("generated a release signing key; devices must pin its public key", "public_key", keys.PublicPath)
+	case keys.Private == nil:
+		log.Info("offline signing: no release.key, so firmware must be added with a manifest signed by the release key", "public_key", keys.PublicPath)
+	}
+	s.releasePub = keys.PublicPath
 	s.store, err = firmware.Open(firmware.Options{
 		Dir: filepath.Join(cfg.DataDir, "artifacts"), DB: s.db, Logger: log,
+		SigningKey: keys.Private, PublicKey: keys.Public,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("firmware store: %w", err)

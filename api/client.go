@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,12 +12,14 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/protocol"
 )
 
 // Error is an error response from the server.
@@ -74,21 +77,56 @@ func (c *Client) Close() { c.tr.CloseIdleConnections() }
 // Health checks that the server answers and accepts our certificate.
 func (c *Client) Health(ctx context.Context) error {
 	var v map[string]string
-	_, err := c.do(ctx, http.MethodGet, pathHealth, nil, nil, -1, &v)
+	_, err := c.do(ctx, http.MethodGet, pathHealth, nil, nil, nil, -1, &v)
 	return err
 }
 
-// AddFirmware uploads an image, streaming body. It returns the stored record and whether it
-// is new (false when the same image was already stored under that version). If body is a
-// file, its size is sent up front so that an image over the server's limit is refused before
-// it is sent.
+// AddFirmware uploads an image for the server to sign; see UploadFirmware.
 func (c *Client) AddFirmware(ctx context.Context, model, version, notes string, body io.Reader) (firmware.Firmware, bool, error) {
-	q := url.Values{"model": {model}, "version": {version}}
-	if notes != "" {
-		q.Set("notes", notes)
+	return c.UploadFirmware(ctx, FirmwareUpload{Model: model, Version: version, Notes: notes, Body: body})
+}
+
+// FirmwareUpload is one image to add.
+type FirmwareUpload struct {
+	// Model and Version may be empty with a Manifest, which names them.
+	Model, Version, Notes string
+	// Counter is the security counter; 0: the manifest's, or the server picks the next.
+	Counter uint64
+	// Expires is when devices stop accepting the manifest the server signs; zero: never.
+	Expires time.Time
+	// Manifest is signed offline by the release key; a server that holds only the public
+	// key requires it.
+	Manifest *protocol.Manifest
+	Body     io.Reader
+}
+
+// UploadFirmware uploads an image, streaming its body. It returns the stored record and
+// whether it is new (false when the same image was already stored under that version). If the
+// body is a file, its size is sent up front so that an image over the server's limit, or a
+// request the server refuses for its manifest, is refused before the image is sent.
+func (c *Client) UploadFirmware(ctx context.Context, u FirmwareUpload) (firmware.Firmware, bool, error) {
+	q := url.Values{}
+	for k, v := range map[string]string{"model": u.Model, "version": u.Version, "notes": u.Notes} {
+		if v != "" {
+			q.Set(k, v)
+		}
+	}
+	if u.Counter != 0 {
+		q.Set("counter", strconv.FormatUint(u.Counter, 10))
+	}
+	if !u.Expires.IsZero() {
+		q.Set("expires", u.Expires.UTC().Format(time.RFC3339))
+	}
+	var hdr http.Header
+	if u.Manifest != nil {
+		b, err := json.Marshal(u.Manifest)
+		if err != nil {
+			return firmware.Firmware{}, false, fmt.Errorf("encode manifest: %w", err)
+		}
+		hdr = http.Header{headerManifest: {base64.StdEncoding.EncodeToString(b)}}
 	}
 	var f firmware.Firmware
-	status, err := c.do(ctx, http.MethodPost, pathFirmware, q, body, bodySize(body), &f)
+	status, err := c.do(ctx, http.MethodPost, pathFirmware, q, hdr, u.Body, bodySize(u.Body), &f)
 	if err != nil {
 		return firmware.Firmware{}, false, err
 	}
@@ -117,7 +155,7 @@ func bodySize(r io.Reader) int64 {
 // ListFirmware returns every stored image.
 func (c *Client) ListFirmware(ctx context.Context) ([]firmware.Firmware, error) {
 	var list []firmware.Firmware
-	_, err := c.do(ctx, http.MethodGet, pathFirmware, nil, nil, -1, &list)
+	_, err := c.do(ctx, http.MethodGet, pathFirmware, nil, nil, nil, -1, &list)
 	return list, err
 }
 
@@ -128,14 +166,14 @@ func (c *Client) CreateRollout(ctx context.Context, spec controller.RolloutSpec)
 		return controller.Rollout{}, fmt.Errorf("encode rollout spec: %w", err)
 	}
 	var r controller.Rollout
-	_, err = c.do(ctx, http.MethodPost, pathRollouts, nil, strings.NewReader(string(b)), int64(len(b)), &r)
+	_, err = c.do(ctx, http.MethodPost, pathRollouts, nil, nil, strings.NewReader(string(b)), int64(len(b)), &r)
 	return r, err
 }
 
 // ListRollouts returns every rollout.
 func (c *Client) ListRollouts(ctx context.Context) ([]controller.Rollout, error) {
 	var list []controller.Rollout
-	_, err := c.do(ctx, http.MethodGet, pathRollouts, nil, nil, -1, &list)
+	_, err := c.do(ctx, http.MethodGet, pathRollouts, nil, nil, nil, -1, &list)
 	return list, err
 }
 
@@ -145,14 +183,14 @@ func (c *Client) GetRollout(ctx context.Context, id string) (controller.RolloutD
 	if id == "" {
 		return d, errors.New("rollout id is empty")
 	}
-	_, err := c.do(ctx, http.MethodGet, pathRollouts+"/"+url.PathEscape(id), nil, nil, -1, &d)
+	_, err := c.do(ctx, http.MethodGet, pathRollouts+"/"+url.PathEscape(id), nil, nil, nil, -1, &d)
 	return d, err
 }
 
 // ListDevices returns every registered device.
 func (c *Client) ListDevices(ctx context.Context) ([]controller.Device, error) {
 	var list []controller.Device
-	_, err := c.do(ctx, http.MethodGet, pathDevices, nil, nil, -1, &list)
+	_, err := c.do(ctx, http.MethodGet, pathDevices, nil, nil, nil, -1, &list)
 	return list, err
 }
 
@@ -162,13 +200,13 @@ func (c *Client) GetDevice(ctx context.Context, id string) (controller.Device, e
 	if id == "" {
 		return d, errors.New("device id is empty")
 	}
-	_, err := c.do(ctx, http.MethodGet, pathDevices+"/"+url.PathEscape(id), nil, nil, -1, &d)
+	_, err := c.do(ctx, http.MethodGet, pathDevices+"/"+url.PathEscape(id), nil, nil, nil, -1, &d)
 	return d, err
 }
 
-// do sends one request and decodes a successful JSON answer into out. size is the body's
-// length, or -1 if unknown.
-func (c *Client) do(ctx context.Context, method, path string, q url.Values, body io.Reader, size int64, out any) (int, error) {
+// do sends one request, with the extra headers hdr, and decodes a successful JSON answer into
+// out. size is the body's length, or -1 if unknown.
+func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr http.Header, body io.Reader, size int64, out any) (int, error) {
 	if c.baseErr != nil {
 		return 0, c.baseErr
 	}
@@ -185,6 +223,9 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, body
 	req, err := http.NewRequestWithContext(ctx, method, u, rc)
 	if err != nil {
 		return 0, fmt.Errorf("build request: %w", err)
+	}
+	for k, vs := range hdr {
+		req.Header[k] = vs
 	}
 	req.Header.Set("Accept", "application/json")
 	if rc != http.NoBody {

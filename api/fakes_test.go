@@ -90,7 +90,8 @@ type fakeStore struct {
 	list     []firmware.Firmware
 	bodies   map[string][]byte
 	calls    atomic.Int64
-	received atomic.Int64 // bytes read from the current upload so far
+	received atomic.Int64        // bytes read from the current upload so far
+	last     firmware.AddRequest // the last request, without its body
 }
 
 var _ FirmwareStore = (*fakeStore)(nil)
@@ -98,6 +99,10 @@ var _ FirmwareStore = (*fakeStore)(nil)
 func (s *fakeStore) Add(ctx context.Context, req firmware.AddRequest) (firmware.Firmware, bool, error) {
 	s.calls.Add(1)
 	s.received.Store(0)
+	s.mu.Lock()
+	s.last = req
+	s.last.Body = nil
+	s.mu.Unlock()
 	var body []byte
 	buf := make([]byte, 4096)
 	for {

@@ -1,11 +1,14 @@
 package api
 
 import (
+	"cmp"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -22,6 +25,12 @@ const (
 	pathRollouts = "/api/v1/rollouts"
 	pathDevices  = "/api/v1/devices"
 )
+
+// headerManifest carries the base64 of the JSON of a manifest signed offline, with an upload.
+const headerManifest = "Fota-Manifest"
+
+// maxManifest bounds the decoded manifest JSON; a real one is about 500 bytes.
+const maxManifest = 8 << 10
 
 // errorBody is the JSON body of every error response.
 type errorBody struct {
@@ -136,7 +145,10 @@ func (s *Server) classify(err error) (int, string) {
 	case errors.Is(err, controller.ErrNotFound), errors.Is(err, firmware.ErrNotFound):
 		return http.StatusNotFound, err.Error()
 	case errors.Is(err, controller.ErrInvalid), errors.Is(err, protocol.ErrBadVersion),
-		errors.Is(err, firmware.ErrBadModel), errors.Is(err, firmware.ErrEmpty):
+		errors.Is(err, firmware.ErrBadModel), errors.Is(err, firmware.ErrEmpty),
+		errors.Is(err, firmware.ErrUnsigned), errors.Is(err, firmware.ErrBadSignature),
+		errors.Is(err, firmware.ErrBadManifest), errors.Is(err, firmware.ErrManifestMismatch),
+		errors.Is(err, firmware.ErrExpired):
 		return http.StatusBadRequest, err.Error()
 	case errors.Is(err, controller.ErrConflict), errors.Is(err, firmware.ErrConflict),
 		errors.Is(err, firmware.ErrInUse):
@@ -183,12 +195,35 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// addFirmware stores the request body as a firmware image. The body is streamed into the
-// store, never held in memory, and cut off at MaxUpload.
+// addFirmware stores the request body as a firmware image, as the package comment describes.
+// The body is streamed into the store, never held in memory, and cut off at MaxUpload.
 func (s *Server) addFirmware(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
 	req := firmware.AddRequest{Model: q.Get("model"), Version: q.Get("version"), Notes: q.Get("notes")}
 	// Check the cheap things before reading a possibly large body.
+	if v := q.Get("counter"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil || n == 0 {
+			return errStatus(http.StatusBadRequest, "bad counter %q: want a positive integer", v)
+		}
+		req.Counter = n
+	}
+	if v := q.Get("expires"); v != "" {
+		t, err := time.Parse(time.RFC3339, v)
+		if err != nil {
+			return errStatus(http.StatusBadRequest, "bad expires %q: want an RFC 3339 time, e.g. 2030-01-02T15:04:05Z", v)
+		}
+		req.Expires = t
+	}
+	if vs := r.Header.Values(headerManifest); len(vs) > 0 {
+		m, err := decodeManifestHeader(vs)
+		if err != nil {
+			return err
+		}
+		req.Manifest = &m
+		req.Model = cmp.Or(req.Model, m.Model)
+		req.Version = cmp.Or(req.Version, m.Version)
+	}
 	if err := firmware.ValidModel(req.Model); err != nil {
 		return err
 	}
@@ -226,6 +261,31 @@ func (s *Server) addFirmware(w http.ResponseWriter, r *http.Request) error {
 	}
 	writeJSON(w, status, f)
 	return nil
+}
+
+// decodeManifestHeader decodes the one Fota-Manifest header. Its signature is the store's to
+// check.
+func decodeManifestHeader(vs []string) (protocol.Manifest, error) {
+	var m protocol.Manifest
+	if len(vs) != 1 {
+		return m, errStatus(http.StatusBadRequest, "%d %s headers, want one", len(vs), headerManifest)
+	}
+	if base64.StdEncoding.DecodedLen(len(vs[0])) > maxManifest {
+		return m, errStatus(http.StatusBadRequest, "%s header larger than %d bytes", headerManifest, maxManifest)
+	}
+	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(vs[0]))
+	if err != nil {
+		return m, errStatus(http.StatusBadRequest, "bad %s header: want the base64 of a manifest's JSON: %v", headerManifest, err)
+	}
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&m); err != nil {
+		return m, errStatus(http.StatusBadRequest, "bad %s header: manifest JSON: %v", headerManifest, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return m, errStatus(http.StatusBadRequest, "bad %s header: want one JSON manifest", headerManifest)
+	}
+	return m, nil
 }
 
 // limitReader remembers whether the upload limit was hit.

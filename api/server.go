@@ -1,6 +1,24 @@
 // Package api is fota's admin API: a small JSON-over-HTTPS server that `fota serve` runs for
 // operators, and the Go client the CLI uses to talk to it. Every request must present the admin
 // client certificate; devices never talk to this API, they speak MQTT.
+//
+// Adding firmware is POST /api/v1/firmware with the raw image as the body
+// (application/octet-stream), streamed into the store, and everything else in the query and
+// one header, so that the server can refuse a request before the image is sent (the client
+// asks with "Expect: 100-continue"):
+//
+//	model, version  the image's model and version; optional with a manifest, which names them
+//	notes           release notes
+//	counter         security counter; default: the manifest's, or one above the model's highest
+//	expires         RFC 3339 time after which devices refuse the manifest the server signs
+//	Fota-Manifest   header: base64 (standard, padded) of the JSON protocol.Manifest signed
+//	                offline by the release key ('fota firmware sign'); required when the server
+//	                holds only the release public key, accepted whenever it is validly signed
+//
+// The answer is the stored record (firmware.Firmware, with the signature of its manifest):
+// 201 when new, 200 when the same image was stored already. An unsigned upload to a server
+// without the signing key, a manifest not signed by the release key, or one that does not
+// describe the image, is refused with 400 and nothing is stored.
 package api
 
 import (

@@ -282,7 +282,7 @@ func TestErrorMapping(t *testing.T) {
 		{"list internal error", errors.New("bbolt: /var/lib/fota/state.db: corrupt"), nil, func() error { _, err := c.ListDevices(ctx); return err }, 500, "internal server error; see the server log"},
 		{"bad version", nil, nil, addFirmware("primehub", "1.x", "img"), 400, `invalid version "1.x": bad number "x"`},
 		{"missing version", nil, nil, addFirmware("primehub", "", "img"), 400, `invalid version "": want MAJOR.MINOR.PATCH, e.g. 1.2.3`},
-		{"bad model", nil, nil, addFirmware("prime hub", "1.0.0", "img"), 400, `invalid model name: "prime hub" may contain only letters, digits, '.', '_' and '-'`},
+		{"bad model", nil, nil, addFirmware("prime hub", "1.0.0", "img"), 400, `invalid model name: model "prime hub": only letters, digits, '.', '_' and '-' are allowed`},
 		{"empty image", nil, nil, addFirmware("primehub", "1.0.0", ""), 400, "firmware image is empty"},
 		{"empty streamed image", nil, nil, func() error {
 			_, _, err := c.AddFirmware(ctx, "primehub", "1.0.0", "", unsized{strings.NewReader("")})
@@ -292,6 +292,11 @@ func TestErrorMapping(t *testing.T) {
 		{"firmware in use", nil, fmt.Errorf("firmware primehub 1.0.0: %w", firmware.ErrInUse), addFirmware("primehub", "1.0.0", "img"), 409, "firmware primehub 1.0.0: firmware in use"},
 		{"store says too large", nil, fmt.Errorf("add firmware: %w", firmware.ErrTooLarge), addFirmware("primehub", "1.0.0", "img"), 413, fmt.Sprintf("firmware image too large: the limit is %d bytes", DefaultMaxUpload)},
 		{"firmware list fails", nil, errors.New("read /srv/x: EIO"), func() error { _, err := c.ListFirmware(ctx); return err }, 500, "internal server error; see the server log"},
+		{"unsigned", nil, fmt.Errorf("add firmware primehub 1.0.0: %w: offline", firmware.ErrUnsigned), addFirmware("primehub", "1.0.0", "img"), 400, "add firmware primehub 1.0.0: firmware manifest not signed: offline"},
+		{"bad signature", nil, fmt.Errorf("add firmware: %w: not by the release key", firmware.ErrBadSignature), addFirmware("primehub", "1.0.0", "img"), 400, "add firmware: bad manifest signature: not by the release key"},
+		{"manifest mismatch", nil, fmt.Errorf("add firmware: %w: sha256", firmware.ErrManifestMismatch), addFirmware("primehub", "1.0.0", "img"), 400, "add firmware: manifest does not match the firmware: sha256"},
+		{"malformed manifest", nil, fmt.Errorf("add firmware: %w: expiry", firmware.ErrBadManifest), addFirmware("primehub", "1.0.0", "img"), 400, "add firmware: malformed manifest: expiry"},
+		{"expired manifest", nil, fmt.Errorf("add firmware: %w: yesterday", firmware.ErrExpired), addFirmware("primehub", "1.0.0", "img"), 400, "add firmware: manifest expired: yesterday"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,7 +1,11 @@
-// Package firmware is fota's artifact store: firmware images kept on disk by their sha256 and
-// written atomically, with their metadata (model, version, security counter) in a bbolt bucket.
-// The chunk server reads images through it at arbitrary offsets, and the controller builds the
-// manifests it offers to devices from its records.
+// Package firmware is fota's artifact store and its release signing: firmware images kept on
+// disk by their sha256 and written atomically, with their metadata (model, version, security
+// counter, signed manifest) in a bbolt bucket. The chunk server reads images through it at
+// arbitrary offsets, and the controller offers devices the manifests it keeps.
+//
+// Manifests are signed with an ed25519 release key (keys.go, sign.go), online by the store or
+// offline on another machine, and verify.go holds the checks a device makes before it installs
+// anything: the reference device uses them, and they document what a real one must do.
 package firmware
 
 import (
@@ -24,11 +28,16 @@ var (
 	ErrTooLarge = errors.New("firmware image too large")
 	ErrInUse    = errors.New("firmware in use")
 	ErrBadModel = errors.New("invalid model name")
+	// ErrUnsigned: the store holds no signing key (offline mode) and was given no manifest
+	// signed by the release key, or the manifest given carries no signature.
+	ErrUnsigned = errors.New("firmware manifest not signed")
+	// ErrManifestMismatch: a signed manifest that describes other firmware than the upload.
+	ErrManifestMismatch = errors.New("manifest does not match the firmware")
 	// ErrClosed is returned by every method of a Store after Close.
 	ErrClosed = errors.New("firmware store closed")
 )
 
-// MaxModelLen is the longest model name accepted, in bytes.
+// MaxModelLen is the longest model name accepted, in bytes (protocol.ValidModel's limit).
 const MaxModelLen = 64
 
 // Firmware is the record of one stored image.
@@ -40,34 +49,41 @@ type Firmware struct {
 	Counter uint64    `json:"counter"` // security counter
 	Notes   string    `json:"notes,omitempty"`
 	Created time.Time `json:"created"`
+	// Expires is when devices stop accepting the manifest (whole seconds, UTC); zero: never.
+	Expires time.Time `json:"expires,omitzero"`
+	// Signature is the manifest's, by the release key; "" only for records stored before
+	// signing existed, which a store without the signing key cannot sign.
+	Signature string `json:"signature,omitempty"`
 }
 
-// Manifest returns the manifest that describes f to a device.
+// Manifest returns the signed manifest that describes f to a device.
 func (f Firmware) Manifest() protocol.Manifest {
 	return protocol.Manifest{
-		V:       protocol.ProtocolVersion,
-		Model:   f.Model,
-		Version: f.Version,
-		Counter: f.Counter,
-		Size:    f.Size,
-		SHA256:  f.SHA256,
+		V:         protocol.ProtocolVersion,
+		Model:     f.Model,
+		Version:   f.Version,
+		Counter:   f.Counter,
+		Size:      f.Size,
+		SHA256:    f.SHA256,
+		Expires:   formatExpiry(f.Expires),
+		Signature: f.Signature,
 	}
 }
 
-// ValidModel reports whether model can name a hardware model: 1 to MaxModelLen bytes of
-// [A-Za-z0-9._-]. Models end up in keys, manifests and command lines, so the set is kept small.
+// formatExpiry is the one form of an expiry that records and manifests share, so that a
+// record rebuilds exactly the manifest that was signed.
+func formatExpiry(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
+// ValidModel reports whether model can name a hardware model, by protocol.ValidModel's rule (1
+// to MaxModelLen bytes of [A-Za-z0-9._-]), wrapping ErrBadModel.
 func ValidModel(model string) error {
-	if model == "" {
-		return fmt.Errorf("%w: empty", ErrBadModel)
-	}
-	if len(model) > MaxModelLen {
-		return fmt.Errorf("%w: %d bytes, at most %d", ErrBadModel, len(model), MaxModelLen)
-	}
-	for i := 0; i < len(model); i++ {
-		c := model[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return fmt.Errorf("%w: %q may contain only letters, digits, '.', '_' and '-'", ErrBadModel, model)
-		}
+	if err := protocol.ValidModel(model); err != nil {
+		return fmt.Errorf("%w: %v", ErrBadModel, err)
 	}
 	return nil
 }

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -50,6 +52,17 @@ func openDB(t *testing.T) *bbolt.DB {
 	return db
 }
 
+// testKey is the release key of every online test store.
+var testKey = func() ed25519.PrivateKey {
+	_, k, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		panic(err)
+	}
+	return k
+}()
+
+func testPub() ed25519.PublicKey { return testKey.Public().(ed25519.PublicKey) }
+
 type env struct {
 	db  *bbolt.DB
 	dir string
@@ -65,7 +78,7 @@ func newEnv(t *testing.T, maxSize int64) *env {
 
 func (e *env) open(t *testing.T, maxSize int64) *firmware.Store {
 	t.Helper()
-	s, err := firmware.Open(firmware.Options{Dir: e.dir, DB: e.db, MaxSize: maxSize})
+	s, err := firmware.Open(firmware.Options{Dir: e.dir, DB: e.db, MaxSize: maxSize, SigningKey: testKey})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -128,7 +141,7 @@ func TestAddGetList(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want27 := firmware.Firmware{Model: "primehub", Version: "7.27.0", Size: wantSize, SHA256: wantSHA, Counter: 1, Notes: "first", Created: f27.Created}
+	want27 := firmware.Firmware{Model: "primehub", Version: "7.27.0", Size: wantSize, SHA256: wantSHA, Counter: 1, Notes: "first", Created: f27.Created, Signature: f27.Signature}
 	if f27 != want27 {
 		t.Errorf("Add 7.27.0: got %+v, want %+v", f27, want27)
 	}
@@ -183,9 +196,14 @@ func TestAddGetList(t *testing.T) {
 		}
 	}
 
-	wantManifest := protocol.Manifest{V: protocol.ProtocolVersion, Model: "primehub", Version: "7.28.0", Counter: 2, Size: int64(len(v28)), SHA256: shaOf(v28)}
+	wantManifest := protocol.Manifest{V: protocol.ProtocolVersion, Model: "primehub", Version: "7.28.0", Counter: 2, Size: int64(len(v28)), SHA256: shaOf(v28), Signature: f28.Signature}
 	if m := f28.Manifest(); m != wantManifest {
 		t.Errorf("Manifest = %+v, want %+v", m, wantManifest)
+	}
+	for _, f := range []firmware.Firmware{f27, f28} {
+		if err := firmware.VerifySignature(f.Manifest(), testPub()); err != nil {
+			t.Errorf("VerifySignature(manifest of %s) = %v, want nil", f.Version, err)
+		}
 	}
 	if got := e.temps(t); len(got) != 0 {
 		t.Errorf("temp files left: %v", got)
@@ -797,15 +815,19 @@ func TestOpenOptions(t *testing.T) {
 		name string
 		opts firmware.Options
 	}{
-		{"no dir", firmware.Options{DB: db}},
-		{"no db", firmware.Options{Dir: t.TempDir()}},
-		{"negative max size", firmware.Options{Dir: t.TempDir(), DB: db, MaxSize: -1}},
+		{"no dir", firmware.Options{DB: db, SigningKey: testKey}},
+		{"no db", firmware.Options{Dir: t.TempDir(), SigningKey: testKey}},
+		{"negative max size", firmware.Options{Dir: t.TempDir(), DB: db, MaxSize: -1, SigningKey: testKey}},
+		{"no key", firmware.Options{Dir: t.TempDir(), DB: db}},
+		{"short signing key", firmware.Options{Dir: t.TempDir(), DB: db, SigningKey: testKey[:32]}},
+		{"short public key", firmware.Options{Dir: t.TempDir(), DB: db, PublicKey: testPub()[:31]}},
+		{"public key of another key", firmware.Options{Dir: t.TempDir(), DB: db, SigningKey: testKey, PublicKey: otherPub(t)}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			if s, err := firmware.Open(tc.opts); err == nil {
 				s.Close()
-				t.Errorf("Open(%+v) succeeded, want an error", tc.opts)
+				t.Errorf("Open succeeded, want an error")
 			}
 		})
 	}
