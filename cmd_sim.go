@@ -16,6 +16,7 @@ import (
 
 	"github.com/fota-dev/fota/certs"
 	"github.com/fota-dev/fota/devicesim"
+	"github.com/fota-dev/fota/firmware"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -24,8 +25,8 @@ const maxSimDevices = 100_000
 
 // runSim runs a fleet of simulated devices against a broker.
 //
-//	fota sim --certs DIR --broker ADDR --devices N --model M --version V [--image F]
-//	         [--until-updated] [--target VERSION]
+//	fota sim --certs DIR --pubkey F --broker ADDR --devices N --model M --version V
+//	         [--image F] [--counter N] [--state-dir DIR] [--until-updated] [--target VERSION]
 func runSim(args []string, stdout io.Writer) error {
 	fs := newFlags("sim", stdout)
 	certsDir := fs.String("certs", os.Getenv("FOTA_CERTS"), "certificate directory: ca.crt, and ca.key to issue device certificates in memory, else devices/ID.crt and .key (default $FOTA_CERTS)")
@@ -34,6 +35,9 @@ func runSim(args []string, stdout io.Writer) error {
 	model := fs.String("model", "", "device model (required)")
 	version := fs.String("version", "", "firmware version the devices run (required)")
 	imagePath := fs.String("image", "", "file with the firmware the devices run (default none)")
+	counter := fs.Uint64("counter", 0, "anti-rollback counter of the firmware the devices run; offers must carry a higher one")
+	pubPath := fs.String("pubkey", "", "the release public key (release.pub) the devices pin; only manifests it signed are installed (required)")
+	stateDir := fs.String("state-dir", "", "keep each device's slots and state in DIR/ID, and resume from them on the next run (default in memory)")
 	prefix := fs.String("prefix", "sim", "device ids are PREFIX-0001, PREFIX-0002, ...")
 	until := fs.Bool("until-updated", false, "exit once every device has installed a newer version (or --target); exit 1 if any failed")
 	target := fs.String("target", "", "with --until-updated, wait for this version instead of any newer one")
@@ -47,6 +51,8 @@ func runSim(args []string, stdout io.Writer) error {
 		return usagef("sim: --certs is required (or set FOTA_CERTS)")
 	case *n < 1 || *n > maxSimDevices:
 		return usagef("sim: --devices %d: want 1 to %d", *n, maxSimDevices)
+	case *pubPath == "":
+		return usagef("sim: --pubkey is required: the release public key (release.pub) the devices trust")
 	case *model == "":
 		return usagef("sim: --model is required")
 	case *version == "":
@@ -90,6 +96,10 @@ func runSim(args []string, stdout io.Writer) error {
 			return fmt.Errorf("sim: image: %w", err)
 		}
 	}
+	pub, err := firmware.LoadPublicKey(*pubPath)
+	if err != nil {
+		return fmt.Errorf("sim: --pubkey: %w", err)
+	}
 	tlsFor, err := simTLS(*certsDir, host, *model)
 	if err != nil {
 		return fmt.Errorf("sim: %w", err)
@@ -102,7 +112,8 @@ func runSim(args []string, stdout io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	rs, err := devicesim.RunFleet(ctx, devicesim.FleetConfig{
-		N: *n, Model: *model, Version: *version, Image: image, Broker: *broker,
+		N: *n, Model: *model, Version: *version, Image: image, Counter: *counter,
+		PublicKey: pub, StateDir: *stateDir, Broker: *broker,
 		TLSFor:       tlsFor,
 		IDPrefix:     *prefix,
 		UntilVersion: *target,

@@ -1,7 +1,9 @@
 // Package devicesim is fota's reference device: an MQTT client that speaks the device protocol
-// of package protocol the way a real device should (status on connect, manifest checks,
-// windowed chunk download with retries, verification, install, reboot, confirmation), and a
-// fleet runner that starts many of them to rehearse a rollout.
+// of package protocol the way a real secure device should (status on connect, signed manifest
+// checks against a pinned release key and an anti-rollback counter, windowed chunk download
+// with retries, full images or delta patches, verification, install into the inactive of two
+// slots, reboot, confirmation), and a fleet runner that starts many of them to rehearse a
+// rollout.
 //
 // It is a device, so it talks to the server only over MQTT: it never imports the broker or
 // the controller.
@@ -9,16 +11,14 @@ package devicesim
 
 import (
 	"context"
-	"crypto/sha256"
+	"crypto/ed25519"
 	"crypto/tls"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/url"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,7 +28,8 @@ import (
 	"github.com/fota-dev/fota/protocol"
 )
 
-// MaxImageSize is the largest image a device accepts; bigger offers are refused.
+// MaxImageSize is the largest image, and the largest patch, a device accepts; bigger offers
+// are refused.
 const MaxImageSize = 64 << 20
 
 // DefaultRequestTimeout is how long a device waits for a chunk before asking again.
@@ -57,19 +58,27 @@ var ErrRunning = errors.New("device already running")
 
 // Config describes one device.
 type Config struct {
-	ID, Model, Version string
-	// Image is the installed firmware; nil means none (its sha256 is then ""). It is never
-	// modified, so many devices may share one slice.
-	Image  []byte
+	ID, Model string
+	// Version, Image and Counter describe the firmware the device starts with, unless StateDir
+	// holds a state already. Image nil means none (its sha256 is then ""); it is never
+	// modified, so many devices may share one slice. Counter is the anti-rollback counter of
+	// that firmware: offers must carry a higher one.
+	Version string
+	Image   []byte
+	Counter uint64
+	// PublicKey is the pinned release key: only manifests it signed are installed. Required.
+	PublicKey ed25519.PublicKey
+	// StateDir, when set, holds the device's flash in StateDir/ID: state.json and the image
+	// slots slot-a.bin and slot-b.bin. A device created on an existing state resumes from it.
+	// Empty keeps everything in memory.
+	StateDir string
+
 	Broker string      // host:port
 	TLS    *tls.Config // client configuration with the device certificate
 	Logger *slog.Logger
 	// RequestTimeout is how long to wait for a chunk before asking again; it doubles with
 	// each attempt. Zero means DefaultRequestTimeout.
 	RequestTimeout time.Duration
-	// Counter is the anti-rollback counter of the installed firmware; offers below it are
-	// refused.
-	Counter uint64
 
 	// notify, when set, receives a token (without blocking) on each job state change; the
 	// fleet runner uses it instead of polling.
@@ -79,26 +88,11 @@ type Config struct {
 // Result is a snapshot of a device's latest job.
 type Result struct {
 	ID, From, To string
-	Bytes        int64         // image bytes downloaded for the job
+	Bytes        int64         // bytes downloaded for the job: the image, or the patch for a delta
+	Delta        bool          // the job's transfer is a delta patch
 	Duration     time.Duration // from the offer to installed (or failed); so far while running
 	State        string        // a protocol State constant; StateIdle before any job
 	Reason       string        // why, when State is StateFailed
-}
-
-// firmware is what a device has installed and keeps across reboots. It lives in memory; A/B
-// slots and persisted state would replace it behind install.
-type firmware struct {
-	version string
-	counter uint64
-	image   []byte
-	sha256  string
-}
-
-func (f *firmware) install(m protocol.Manifest, image []byte) {
-	f.version = m.Version
-	f.counter = max(f.counter, m.Counter)
-	f.image = image
-	f.sha256 = strings.ToLower(m.SHA256)
 }
 
 // job is the device's view of one offer.
@@ -133,15 +127,15 @@ type Device struct {
 	running atomic.Bool
 
 	// Owned by the goroutine in Run.
-	fw     firmware
+	flash  *slots
 	job    *job
 	seqs   map[string]uint64 // last event Seq of recent jobs, so a job offered again continues its sequence
 	reboot bool              // installed; the session must end and the device come back up
 
-	mu      sync.Mutex
-	version string
-	result  Result
-	since   time.Time // when the running job was accepted; zero when none runs
+	mu     sync.Mutex
+	state  State
+	result Result
+	since  time.Time // when the running job was accepted; zero when none runs
 }
 
 // New checks cfg and returns a device that is not yet connected.
@@ -161,6 +155,10 @@ func New(cfg Config) (*Device, error) {
 	if cfg.TLS == nil {
 		return nil, fmt.Errorf("new device %s: no TLS configuration", cfg.ID)
 	}
+	// Without a pinned key a device would have nothing to check a manifest against.
+	if len(cfg.PublicKey) != ed25519.PublicKeySize {
+		return nil, fmt.Errorf("new device %s: public key is %d bytes, want an ed25519 key of %d", cfg.ID, len(cfg.PublicKey), ed25519.PublicKeySize)
+	}
 	if len(cfg.Image) > MaxImageSize {
 		return nil, fmt.Errorf("new device %s: image is %d bytes, at most %d", cfg.ID, len(cfg.Image), MaxImageSize)
 	}
@@ -170,15 +168,26 @@ func New(cfg Config) (*Device, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	d := &Device{
-		cfg:  cfg,
-		log:  cfg.Logger.With("component", "devicesim", "device", cfg.ID),
-		fw:   firmware{version: cfg.Version, counter: cfg.Counter, image: cfg.Image},
-		seqs: map[string]uint64{},
+	dir := ""
+	if cfg.StateDir != "" {
+		var err error
+		if dir, err = stateDirFor(cfg.StateDir, cfg.ID); err != nil {
+			return nil, fmt.Errorf("new device: %w", err)
+		}
 	}
-	if cfg.Image != nil {
-		sum := sha256.Sum256(cfg.Image)
-		d.fw.sha256 = hex.EncodeToString(sum[:])
+	flash, err := openSlots(dir, State{Model: cfg.Model, Version: cfg.Version, Counter: cfg.Counter}, cfg.Image)
+	if err != nil {
+		return nil, fmt.Errorf("new device %s: %w", cfg.ID, err)
+	}
+	d := &Device{
+		cfg:   cfg,
+		log:   cfg.Logger.With("component", "devicesim", "device", cfg.ID),
+		flash: flash,
+		seqs:  map[string]uint64{},
+	}
+	if dir != "" {
+		st := flash.state
+		d.log.Debug("state", "dir", dir, "slot", st.Slot(), "version", st.Version, "counter", st.Counter)
 	}
 	d.update(time.Now())
 	return d, nil
@@ -188,7 +197,14 @@ func New(cfg Config) (*Device, error) {
 func (d *Device) Version() string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.version
+	return d.state.Version
+}
+
+// State returns what the device has installed: active slot, version, counter and image hash.
+func (d *Device) State() State {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.state
 }
 
 // Result returns a snapshot of the latest job.
@@ -206,22 +222,23 @@ func (d *Device) Result() Result {
 func (d *Device) snapshot() (string, Result) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.version, d.result
+	return d.state.Version, d.result
 }
 
 // update publishes the job state to Version, Result and the fleet.
 func (d *Device) update(now time.Time) {
-	r := Result{ID: d.cfg.ID, From: d.fw.version, State: protocol.StateIdle}
+	st := d.flash.state
+	r := Result{ID: d.cfg.ID, From: st.Version, State: protocol.StateIdle}
 	var since time.Time
 	if j := d.job; j != nil {
-		r.From, r.To = j.from, j.offer.Manifest.Version
+		r.From, r.To, r.Delta = j.from, j.offer.Manifest.Version, j.offer.Manifest.Delta != nil
 		r.Bytes, r.State, r.Reason, r.Duration = j.bytes, j.state, j.reason, j.took
 		if j.active() {
 			since = j.accepted
 		}
 	}
 	d.mu.Lock()
-	d.version, d.result, d.since = d.fw.version, r, since
+	d.state, d.result, d.since = st, r, since
 	d.mu.Unlock()
 	if d.cfg.notify != nil {
 		select {
@@ -251,7 +268,7 @@ func (d *Device) Run(ctx context.Context) error {
 			break
 		}
 		if d.reboot {
-			d.log.Info("rebooting", "version", d.fw.version)
+			d.log.Info("rebooting", "version", d.flash.state.Version)
 			bo = backoff{}
 			continue
 		}
@@ -383,7 +400,7 @@ func (d *Device) serve(ctx context.Context, s *session) error {
 		// Back up after the reboot into the new image.
 		j.state, j.took = protocol.StateInstalled, now.Sub(j.accepted)
 		d.update(now)
-		d.log.Info("installed", "job", j.id, "version", d.fw.version, "took", j.took.Round(time.Millisecond))
+		d.log.Info("installed", "job", j.id, "version", d.flash.state.Version, "took", j.took.Round(time.Millisecond))
 	}
 	if err := d.sendStatus(ctx, s); err != nil {
 		return err
@@ -391,7 +408,7 @@ func (d *Device) serve(ctx context.Context, s *session) error {
 	if j := d.job; j != nil {
 		switch {
 		case j.state == protocol.StateInstalled && !j.reported:
-			d.emit(s, j, protocol.Event{State: protocol.StateInstalled, Version: d.fw.version})
+			d.emit(s, j, protocol.Event{State: protocol.StateInstalled, Version: d.flash.state.Version})
 			j.reported = true
 		case j.state == protocol.StateDownloading:
 			j.dl.reset()
@@ -430,8 +447,8 @@ func (d *Device) sendStatus(ctx context.Context, s *session) error {
 	st := protocol.Status{
 		V:       protocol.ProtocolVersion,
 		Model:   d.cfg.Model,
-		Version: d.fw.version,
-		SHA256:  d.fw.sha256,
+		Version: d.flash.state.Version,
+		SHA256:  d.flash.state.SHA256,
 		State:   protocol.StateIdle,
 	}
 	if j := d.job; j != nil {

@@ -22,6 +22,10 @@ const (
 // ReasonTransfer.
 var errExhausted = errors.New("chunk not delivered")
 
+// errOversize is returned when one range kept coming back with bytes past the end of the
+// transfer; the job fails with ReasonSize. Those bytes are never stored.
+var errOversize = errors.New("transfer longer than the signed size")
+
 type chunkState uint8
 
 const (
@@ -35,6 +39,7 @@ type chunk struct {
 	attempts int       // sends that went unanswered or came back corrupt
 	busy     int       // "busy" answers
 	due      time.Time // outstanding: re-ask after; queued for retry: not before
+	past     bool      // the latest bad answer ran past the end of the transfer
 }
 
 // download is the state of one transfer: which ranges are done, outstanding or to be asked
@@ -143,8 +148,9 @@ func (dl *download) requests(now time.Time) []protocol.ChunkRequest {
 }
 
 // accept stores a data frame's payload. It returns the bytes taken, 0 for a frame that is
-// not an answer to an outstanding request (duplicate, late, unknown offset), or -1 for an
-// answer of the wrong length, which the caller treats like a corrupt frame.
+// not an answer to an outstanding request (duplicate, late, at or past the end of the
+// transfer), or -1 for an answer of the wrong length, which the caller treats like a corrupt
+// frame. Nothing past the transfer's size is ever stored, whatever a server sends.
 func (dl *download) accept(off uint32, payload []byte) int {
 	i := dl.index(off)
 	if i < 0 {
@@ -152,6 +158,7 @@ func (dl *download) accept(off uint32, payload []byte) int {
 	}
 	o, n := dl.span(i)
 	if len(payload) != n {
+		dl.chunks[i].past = o+int64(len(payload)) > dl.size
 		return -1
 	}
 	copy(dl.buf[o:], payload)
@@ -191,8 +198,12 @@ func (dl *download) reask(off uint32, now time.Time) error {
 	c.attempts++
 	if c.attempts >= maxAttempts {
 		o, _ := dl.span(i)
+		if c.past {
+			return fmt.Errorf("%w: answers at offset %d ran past %d bytes %d times", errOversize, o, dl.size, c.attempts)
+		}
 		return fmt.Errorf("%w: offset %d corrupt %d times", errExhausted, o, c.attempts)
 	}
+	c.past = false
 	dl.requeue(i, now)
 	return nil
 }

@@ -2,6 +2,7 @@ package devicesim
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/tls"
 	"fmt"
 	"io"
@@ -27,6 +28,9 @@ type FleetConfig struct {
 	N              int
 	Model, Version string
 	Image          []byte
+	Counter        uint64            // anti-rollback counter of Version; see Config
+	PublicKey      ed25519.PublicKey // pinned release key; required
+	StateDir       string            // optional; device ID keeps its state in StateDir/ID
 	Broker         string
 	TLSFor         func(id string) (*tls.Config, error) // certificate per device
 	IDPrefix       string                               // ids IDPrefix-0001 ...; default "sim"
@@ -50,6 +54,9 @@ func RunFleet(ctx context.Context, cfg FleetConfig) ([]Result, error) {
 	if cfg.TLSFor == nil {
 		return nil, fmt.Errorf("run fleet: no TLSFor")
 	}
+	if cfg.PublicKey == nil {
+		return nil, fmt.Errorf("run fleet: no PublicKey: devices install only what the release key signed")
+	}
 	if cfg.IDPrefix == "" {
 		cfg.IDPrefix = "sim"
 	}
@@ -70,7 +77,8 @@ func RunFleet(ctx context.Context, cfg FleetConfig) ([]Result, error) {
 			return nil, fmt.Errorf("run fleet: %s: %w", id, err)
 		}
 		d, err := New(Config{
-			ID: id, Model: cfg.Model, Version: cfg.Version, Image: cfg.Image,
+			ID: id, Model: cfg.Model, Version: cfg.Version, Image: cfg.Image, Counter: cfg.Counter,
+			PublicKey: cfg.PublicKey, StateDir: cfg.StateDir,
 			Broker: cfg.Broker, TLS: tc, Logger: cfg.Logger, RequestTimeout: cfg.RequestTimeout,
 			notify: changed,
 		})

@@ -1,13 +1,17 @@
 package devicesim
 
 import (
+	"crypto/ed25519"
 	"crypto/tls"
 	"errors"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
 
+	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/firmware/delta"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -23,41 +27,63 @@ func validOffer() protocol.Offer {
 }
 
 func TestCheckOffer(t *testing.T) {
+	pub, key, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := firmware.DeviceState{Model: "m", Counter: 2, ImageSHA256: strings.Repeat("cd", 32)}
+	asDelta := func(o *protocol.Offer) {
+		o.Manifest.Delta = &protocol.Delta{Base: st.ImageSHA256, PatchSHA256: strings.Repeat("ef", 32), PatchSize: 40, Format: delta.Format}
+		o.Size = 40
+	}
 	tests := []struct {
 		name   string
-		change func(o *protocol.Offer)
-		want   string // substring of the error; "" for accepted
+		before func(o *protocol.Offer) // changes that are signed
+		after  func(o *protocol.Offer) // changes after signing; nil for none
+		reason string                  // "" for accepted
+		want   string                  // substring of the error
+		err    error                   // the error wraps it, when set
 	}{
-		{"valid", func(o *protocol.Offer) {}, ""},
-		{"equal counter", func(o *protocol.Offer) { o.Manifest.Counter = 2 }, ""},
-		{"upper-case sha256", func(o *protocol.Offer) { o.Manifest.SHA256 = strings.Repeat("AB", 32) }, ""},
-		{"largest size", func(o *protocol.Offer) { o.Size, o.Manifest.Size = MaxImageSize, MaxImageSize }, ""},
-		{"offer v0", func(o *protocol.Offer) { o.V = 0 }, "offer version 0"},
-		{"offer v2", func(o *protocol.Offer) { o.V = protocol.ProtocolVersion + 1 }, "offer version"},
-		{"manifest v2", func(o *protocol.Offer) { o.Manifest.V = protocol.ProtocolVersion + 1 }, "manifest version"},
-		{"model", func(o *protocol.Offer) { o.Manifest.Model = "n" }, "model"},
-		{"same version", func(o *protocol.Offer) { o.Manifest.Version = "1.1.0" }, "not newer"},
-		{"older version", func(o *protocol.Offer) { o.Manifest.Version = "1.0.9" }, "not newer"},
-		{"pre-release of installed", func(o *protocol.Offer) { o.Manifest.Version = "1.1.0-rc.1" }, "not newer"},
-		{"bad version", func(o *protocol.Offer) { o.Manifest.Version = "latest" }, "invalid version"},
-		{"counter below", func(o *protocol.Offer) { o.Manifest.Counter = 1 }, "counter 1 below installed 2"},
-		{"zero size", func(o *protocol.Offer) { o.Size, o.Manifest.Size = 0, 0 }, "size 0"},
-		{"negative size", func(o *protocol.Offer) { o.Size, o.Manifest.Size = -1, -1 }, "size -1"},
-		{"too big", func(o *protocol.Offer) { o.Size, o.Manifest.Size = MaxImageSize+1, MaxImageSize+1 }, "size"},
-		{"size mismatch", func(o *protocol.Offer) { o.Size = 99 }, "offer size 99"},
-		{"short sha256", func(o *protocol.Offer) { o.Manifest.SHA256 = "abcd" }, "sha256"},
-		{"non-hex sha256", func(o *protocol.Offer) { o.Manifest.SHA256 = strings.Repeat("zz", 32) }, "sha256"},
+		{name: "valid", before: func(o *protocol.Offer) {}},
+		{name: "valid delta", before: asDelta},
+		{name: "largest size", before: func(o *protocol.Offer) { o.Size, o.Manifest.Size = MaxImageSize, MaxImageSize }},
+		{name: "offer v0", before: func(o *protocol.Offer) { o.V = 0 }, reason: protocol.ReasonBadManifest, want: "offer version 0"},
+		{name: "offer v2", before: func(o *protocol.Offer) { o.V = protocol.ProtocolVersion + 1 }, reason: protocol.ReasonBadManifest, want: "offer version"},
+		{name: "too big", before: func(o *protocol.Offer) { o.Size, o.Manifest.Size = MaxImageSize+1, MaxImageSize+1 }, reason: protocol.ReasonBadManifest, want: "size"},
+		{name: "offer size differs", before: func(o *protocol.Offer) {}, after: func(o *protocol.Offer) { o.Size = 99 }, reason: protocol.ReasonBadManifest, want: "offer size 99"},
+		{name: "delta offered at the image size", before: asDelta, after: func(o *protocol.Offer) { o.Size = 100 }, reason: protocol.ReasonBadManifest, want: "offer size 100"},
+		{name: "delta format", before: func(o *protocol.Offer) { asDelta(o); o.Manifest.Delta.Format = "other" }, reason: protocol.ReasonBadManifest, want: "format"},
+		{name: "patch too big", before: func(o *protocol.Offer) {
+			asDelta(o)
+			o.Size, o.Manifest.Delta.PatchSize = MaxImageSize+1, MaxImageSize+1
+		}, reason: protocol.ReasonBadManifest, want: "patch size"},
+		{name: "unsigned", before: func(o *protocol.Offer) {}, after: func(o *protocol.Offer) { o.Manifest.Signature = "" }, reason: protocol.ReasonBadManifest, err: firmware.ErrBadSignature},
+		{name: "changed after signing", before: func(o *protocol.Offer) {}, after: func(o *protocol.Offer) { o.Manifest.Counter++ }, reason: protocol.ReasonBadManifest, err: firmware.ErrBadSignature},
+		{name: "equal counter", before: func(o *protocol.Offer) { o.Manifest.Counter = 2 }, reason: protocol.ReasonBadManifest, err: firmware.ErrRollback},
+		{name: "model", before: func(o *protocol.Offer) { o.Manifest.Model = "n" }, reason: protocol.ReasonBadManifest, err: firmware.ErrWrongModel},
+		{name: "delta base", before: func(o *protocol.Offer) { asDelta(o); o.Manifest.Delta.Base = strings.Repeat("00", 32) }, reason: protocol.ReasonBadManifest, err: firmware.ErrWrongBase},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			o := validOffer()
-			tt.change(&o)
-			err := checkOffer(o, "m", "1.1.0", 2)
+			tt.before(&o)
+			if o.Manifest, err = firmware.Sign(o.Manifest, key); err != nil {
+				t.Fatal(err)
+			}
+			if tt.after != nil {
+				tt.after(&o)
+			}
+			err := checkOffer(o, pub, st, time.Now())
 			switch {
-			case tt.want == "" && err != nil:
+			case tt.reason == "" && err != nil:
 				t.Errorf("got %v, want accepted", err)
-			case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
-				t.Errorf("got %v, want an error containing %q", err, tt.want)
+			case tt.reason == "":
+			case err == nil:
+				t.Errorf("got accepted, want %s", tt.reason)
+			case !strings.HasPrefix(err.Error(), tt.reason+": ") || !strings.Contains(err.Error(), tt.want):
+				t.Errorf("got %q, want %q with %q", err, tt.reason+": ...", tt.want)
+			case tt.err != nil && !errors.Is(err, tt.err):
+				t.Errorf("got %v, want it to wrap %v", err, tt.err)
 			}
 		})
 	}
@@ -119,10 +145,21 @@ func TestDownloadGivesUp(t *testing.T) {
 		name  string
 		fail  func(dl *download, now time.Time) error
 		limit int
+		want  error
 	}{
-		{"timeouts", func(dl *download, now time.Time) error { return dl.expire(now.Add(time.Hour)) }, maxAttempts},
-		{"corrupt frames", func(dl *download, now time.Time) error { return dl.reask(0, now) }, maxAttempts},
-		{"busy", func(dl *download, now time.Time) error { return dl.busy(0, now) }, maxBusy + 1},
+		{"timeouts", func(dl *download, now time.Time) error { return dl.expire(now.Add(time.Hour)) }, maxAttempts, errExhausted},
+		{"corrupt frames", func(dl *download, now time.Time) error { return dl.reask(0, now) }, maxAttempts, errExhausted},
+		{"busy", func(dl *download, now time.Time) error { return dl.busy(0, now) }, maxBusy + 1, errExhausted},
+		{"short answers", func(dl *download, now time.Time) error {
+			dl.accept(0, make([]byte, dl.size-1))
+			return dl.reask(0, now)
+		}, maxAttempts, errExhausted},
+		{"answers past the end", func(dl *download, now time.Time) error {
+			if n := dl.accept(0, make([]byte, dl.size+1)); n != -1 {
+				t.Fatalf("accept of a long answer: got %d, want -1", n)
+			}
+			return dl.reask(0, now)
+		}, maxAttempts, errOversize},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -140,8 +177,8 @@ func TestDownloadGivesUp(t *testing.T) {
 				err = tt.fail(dl, now)
 				n++
 			}
-			if !errors.Is(err, errExhausted) || n != tt.limit {
-				t.Errorf("got %v after %d rounds, want %v after %d", err, n, errExhausted, tt.limit)
+			if !errors.Is(err, tt.want) || n != tt.limit {
+				t.Errorf("got %v after %d rounds, want %v after %d", err, n, tt.want, tt.limit)
 			}
 		})
 	}
@@ -202,7 +239,11 @@ func TestBackoffGrowsWithJitterAndCaps(t *testing.T) {
 }
 
 func TestNewRefusesBadConfig(t *testing.T) {
-	good := Config{ID: "d1", Model: "m", Version: "1.0.0", Broker: "127.0.0.1:8883", TLS: &tls.Config{}}
+	pub, _, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := Config{ID: "d1", Model: "m", Version: "1.0.0", Broker: "127.0.0.1:8883", TLS: &tls.Config{}, PublicKey: pub}
 	if _, err := New(good); err != nil {
 		t.Fatalf("valid config: got %v, want nil", err)
 	}
@@ -216,6 +257,15 @@ func TestNewRefusesBadConfig(t *testing.T) {
 		{"bad broker", func(c *Config) { c.Broker = "nohost" }},
 		{"no tls", func(c *Config) { c.TLS = nil }},
 		{"image too big", func(c *Config) { c.Image = make([]byte, MaxImageSize+1) }},
+		{"no public key", func(c *Config) { c.PublicKey = nil }},
+		{"short public key", func(c *Config) { c.PublicKey = pub[:16] }},
+		{"id that climbs out of the state dir", func(c *Config) { c.ID, c.StateDir = "..", t.TempDir() }},
+		{"state dir of another model", func(c *Config) {
+			c.StateDir = t.TempDir()
+			if _, err := openSlots(filepath.Join(c.StateDir, c.ID), State{Model: "other", Version: "1.0.0"}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,14 +1,17 @@
 package devicesim
 
 import (
-	"crypto/sha256"
+	"bytes"
+	"crypto/ed25519"
 	"encoding/binary"
-	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
 
+	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/firmware/delta"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -34,39 +37,63 @@ func jsonMarshal(v any) ([]byte, error) {
 	return b, nil
 }
 
-// checkOffer decides from the offer alone whether a device running version with anti-rollback
-// counter may install it. The error text becomes the detail of a ReasonBadManifest.
-func checkOffer(o protocol.Offer, model, version string, counter uint64) error {
+// jobError is why a job failed: a protocol.Reason code, and the detail after it.
+type jobError struct {
+	reason string
+	err    error
+}
+
+func (e *jobError) Error() string { return e.reason + ": " + e.err.Error() }
+func (e *jobError) Unwrap() error { return e.err }
+
+func refuse(reason, format string, args ...any) error {
+	return &jobError{reason, fmt.Errorf(format, args...)}
+}
+
+// verdict wraps an error of package firmware with the reason it names.
+func verdict(err error) error {
+	reason := firmware.FailureReason(err)
+	if reason == "" {
+		reason = protocol.ReasonBadManifest
+	}
+	return &jobError{reason, err}
+}
+
+// checkOffer decides from the offer alone whether a device in state st may start on it. The
+// manifest decides, by its signature, model, counter, expiry and delta base; the offer only
+// says how it is transferred, and that must agree with the signed sizes.
+func checkOffer(o protocol.Offer, pub ed25519.PublicKey, st firmware.DeviceState, now time.Time) error {
 	m := o.Manifest
-	switch {
-	case o.V < 1 || o.V > protocol.ProtocolVersion:
-		return fmt.Errorf("offer version %d not supported", o.V)
-	case m.V < 1 || m.V > protocol.ProtocolVersion:
-		return fmt.Errorf("manifest version %d not supported", m.V)
-	case m.Model != model:
-		return fmt.Errorf("model %q, this device is %q", m.Model, model)
+	if o.V < 1 || o.V > protocol.ProtocolVersion {
+		return refuse(protocol.ReasonBadManifest, "offer version %d not supported", o.V)
 	}
-	c, err := protocol.CompareVersions(m.Version, version)
-	if err != nil {
-		return err
+	if err := firmware.VerifyManifest(m, pub, st, now); err != nil {
+		return verdict(err)
 	}
-	if c <= 0 {
-		return fmt.Errorf("version %s not newer than installed %s", m.Version, version)
+	// Bounds of this device, on top of what the signer allowed.
+	if m.Size <= 0 || m.Size > MaxImageSize {
+		return refuse(protocol.ReasonBadManifest, "size %d outside 1..%d", m.Size, MaxImageSize)
 	}
-	// Equal counters pass: a counter only moves when a release fixes a vulnerability.
-	if m.Counter < counter {
-		return fmt.Errorf("counter %d below installed %d", m.Counter, counter)
+	want := m.Size
+	if d := m.Delta; d != nil {
+		if d.Format != delta.Format {
+			return refuse(protocol.ReasonBadManifest, "delta format %q, this device applies %q", d.Format, delta.Format)
+		}
+		if d.PatchSize <= 0 || d.PatchSize > MaxImageSize {
+			return refuse(protocol.ReasonBadManifest, "patch size %d outside 1..%d", d.PatchSize, MaxImageSize)
+		}
+		want = d.PatchSize
 	}
-	switch {
-	case m.Size <= 0 || m.Size > MaxImageSize:
-		return fmt.Errorf("size %d outside 1..%d", m.Size, MaxImageSize)
-	case o.Size != m.Size:
-		return fmt.Errorf("offer size %d differs from manifest size %d", o.Size, m.Size)
-	}
-	if b, err := hex.DecodeString(m.SHA256); err != nil || len(b) != sha256.Size {
-		return fmt.Errorf("sha256 %q is not 64 hex digits", m.SHA256)
+	if o.Size != want {
+		return refuse(protocol.ReasonBadManifest, "offer size %d differs from the signed size %d", o.Size, want)
 	}
 	return nil
+}
+
+// deviceState is what VerifyManifest checks a manifest against.
+func (d *Device) deviceState() firmware.DeviceState {
+	st := d.flash.state
+	return firmware.DeviceState{Model: d.cfg.Model, Counter: st.Counter, ImageSHA256: st.SHA256}
 }
 
 // emit sends the job's next event. Events are QoS 1 and not waited for: a lost one is covered
@@ -112,15 +139,15 @@ func (d *Device) onOffer(s *session, payload []byte, now time.Time) {
 			return
 		case cur.state == protocol.StateInstalled:
 			d.log.Info("offer for an installed job; confirming again", "job", o.Job)
-			d.emit(s, cur, protocol.Event{State: protocol.StateInstalled, Version: d.fw.version})
+			d.emit(s, cur, protocol.Event{State: protocol.StateInstalled, Version: d.flash.state.Version})
 			return
 		}
 		// Failed before: the server asks for another attempt.
 	}
 	// A job seen before (failed, refused, superseded) continues its event sequence.
-	j := &job{id: o.Job, offer: o, from: d.fw.version, seq: d.seqs[o.Job], accepted: now}
-	if err := checkOffer(o, d.cfg.Model, d.fw.version, d.fw.counter); err != nil {
-		j.state, j.reason = protocol.StateFailed, clip(protocol.ReasonBadManifest+": "+err.Error())
+	j := &job{id: o.Job, offer: o, from: d.flash.state.Version, seq: d.seqs[o.Job], accepted: now}
+	if err := checkOffer(o, d.cfg.PublicKey, d.deviceState(), now); err != nil {
+		j.state, j.reason = protocol.StateFailed, clip(err.Error())
 		d.log.Warn("offer refused", "job", o.Job, "reason", j.reason)
 		d.emit(s, j, protocol.Event{State: protocol.StateFailed, Reason: j.reason})
 		if cur == nil || !cur.active() {
@@ -135,7 +162,7 @@ func (d *Device) onOffer(s *session, payload []byte, now time.Time) {
 	j.state, j.dl, j.progress = protocol.StateDownloading, newDownload(o, d.cfg.RequestTimeout), now
 	d.job = j
 	d.update(now)
-	d.log.Info("downloading", "job", o.Job, "version", o.Manifest.Version, "size", o.Size)
+	d.log.Info("downloading", "job", o.Job, "version", o.Manifest.Version, "size", o.Size, "delta", o.Manifest.Delta != nil)
 	d.emit(s, j, protocol.Event{State: protocol.StateDownloading})
 	d.pump(s, j, now)
 }
@@ -229,7 +256,11 @@ func (d *Device) onTick(s *session, now time.Time) {
 // check fails the job on err, or sends the requests the download now wants.
 func (d *Device) check(s *session, j *job, err error, now time.Time) {
 	if err != nil {
-		d.fail(s, j, protocol.ReasonTransfer+": "+err.Error(), now)
+		reason := protocol.ReasonTransfer
+		if errors.Is(err, errOversize) {
+			reason = protocol.ReasonSize
+		}
+		d.fail(s, j, reason+": "+err.Error(), now)
 		return
 	}
 	d.pump(s, j, now)
@@ -242,23 +273,57 @@ func (d *Device) fail(s *session, j *job, reason string, now time.Time) {
 	d.emit(s, j, protocol.Event{State: protocol.StateFailed, Reason: reason})
 }
 
-// finish verifies the downloaded image and installs it. The old image stays installed unless
-// the new one matches the manifest exactly.
+// finish verifies the download, builds the image from it for a delta, and installs the image
+// into the inactive slot. The running image stays installed unless the new one matches the
+// manifest exactly.
 func (d *Device) finish(s *session, j *job, now time.Time) {
 	m := j.offer.Manifest
 	j.state = protocol.StateVerifying
 	d.update(now)
 	d.emit(s, j, protocol.Event{State: protocol.StateVerifying})
-	img := j.dl.buf
-	sum := sha256.Sum256(img)
-	if got := hex.EncodeToString(sum[:]); int64(len(img)) != m.Size || !strings.EqualFold(got, m.SHA256) {
-		d.fail(s, j, fmt.Sprintf("%s: got sha256 %s, manifest says %s", protocol.ReasonHashMismatch, got, m.SHA256), now)
+	data := j.dl.buf
+	j.dl = nil
+	img, err := d.verify(m, data)
+	if err != nil {
+		d.fail(s, j, clip(err.Error()), now)
 		return
 	}
-	j.state, j.dl = protocol.StateInstalling, nil
+	j.state = protocol.StateInstalling
 	d.update(now)
 	d.emit(s, j, protocol.Event{State: protocol.StateInstalling})
-	d.fw.install(m, img)
+	if err := d.flash.install(m, img); err != nil {
+		d.fail(s, j, clip(protocol.ReasonInstall+": "+err.Error()), now)
+		return
+	}
 	d.update(now)
 	d.reboot = true
+}
+
+// verify returns the image that the downloaded data stands for, once it matches m: the data
+// itself, or for a delta the result of applying the patch to the installed image.
+func (d *Device) verify(m protocol.Manifest, data []byte) ([]byte, error) {
+	if m.Delta == nil {
+		if err := firmware.VerifyImage(m, data); err != nil {
+			return nil, verdict(err)
+		}
+		return data, nil
+	}
+	// The patch is checked against its signed hash before the patcher reads a byte of it.
+	if err := firmware.VerifyPatch(m, data); err != nil {
+		return nil, verdict(err)
+	}
+	img, err := delta.Apply(d.flash.installed(), bytes.NewReader(data), m.Size)
+	if err != nil {
+		// A signed patch that does not apply: it was made from another base, or it cannot
+		// build the signed image.
+		reason := protocol.ReasonHashMismatch
+		if errors.Is(err, delta.ErrWrongBase) {
+			reason = protocol.ReasonBadManifest
+		}
+		return nil, &jobError{reason, fmt.Errorf("apply patch: %w", err)}
+	}
+	if err := firmware.VerifyImage(m, img); err != nil {
+		return nil, verdict(err)
+	}
+	return img, nil
 }

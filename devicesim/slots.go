@@ -1,0 +1,237 @@
+package devicesim
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/fota-dev/fota/protocol"
+)
+
+// Names inside a device's state directory, StateDir/ID.
+const (
+	stateFile = "state.json"
+	tempGlob  = ".*.tmp-*" // left behind by a crash between create and rename
+	maxState  = 4 << 10    // bytes of state.json read at most
+)
+
+var slotFiles = [2]string{"slot-a.bin", "slot-b.bin"}
+
+// State is what a device keeps across reboots: which of its two image slots boots, and what
+// that slot holds. It is persisted as StateDir/ID/state.json.
+type State struct {
+	Model   string `json:"model"`
+	Active  int    `json:"active"` // 0: slot A boots, 1: slot B
+	Version string `json:"version"`
+	Counter uint64 `json:"counter"` // anti-rollback counter of the installed firmware
+	SHA256  string `json:"sha256"`  // hex sha256 of the active slot's image; "" when it is empty
+}
+
+// Slot returns the name of the active slot, "A" or "B".
+func (s State) Slot() string { return string(rune('A' + s.Active)) }
+
+// slots is a device's flash: two image slots and the state that says which one boots. An
+// install writes the inactive slot and then switches State in one step, so a crash at any
+// point leaves the device booting either the old image or the new one, never a mix.
+//
+// With dir == "" everything lives in memory, for fleets of thousands; image slices are never
+// modified, so devices may share their initial image.
+type slots struct {
+	dir   string
+	state State
+	image [2][]byte
+}
+
+// openSlots resumes the device persisted in dir, or when dir holds no state yet (or is ""),
+// starts from init with image in slot A.
+func openSlots(dir string, init State, image []byte) (*slots, error) {
+	s := &slots{dir: dir, state: init}
+	s.state.Active = 0
+	s.state.SHA256 = ""
+	if image != nil {
+		s.state.SHA256 = sha256Hex(image)
+	}
+	s.image[0] = image
+	if dir == "" {
+		return s, nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	if stale, _ := filepath.Glob(filepath.Join(dir, tempGlob)); len(stale) > 0 {
+		for _, p := range stale {
+			os.Remove(p) // best effort: a leftover only wastes space
+		}
+	}
+	b, err := readLimited(filepath.Join(dir, stateFile), maxState)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		if image != nil {
+			if err := writeAtomic(dir, slotFiles[0], image); err != nil {
+				return nil, fmt.Errorf("write slot A: %w", err)
+			}
+		}
+		if err := s.saveState(s.state); err != nil {
+			return nil, err
+		}
+		return s, nil
+	case err != nil:
+		return nil, fmt.Errorf("read state: %w", err)
+	}
+	var st State
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, fmt.Errorf("read state %s: %w", filepath.Join(dir, stateFile), err)
+	}
+	if err := checkState(st, init.Model); err != nil {
+		return nil, fmt.Errorf("read state %s: %w", filepath.Join(dir, stateFile), err)
+	}
+	s.state, s.image = st, [2][]byte{}
+	if st.SHA256 == "" {
+		return s, nil
+	}
+	// Boot only an image that is what the state says: a slot damaged behind the device's back
+	// must not run, nor serve as the base of a delta.
+	path := filepath.Join(dir, slotFiles[st.Active])
+	img, err := readLimited(path, MaxImageSize)
+	if err != nil {
+		return nil, fmt.Errorf("read slot %s: %w", st.Slot(), err)
+	}
+	if got := sha256Hex(img); got != st.SHA256 {
+		return nil, fmt.Errorf("slot %s (%s) has sha256 %s, state says %s", st.Slot(), path, got, st.SHA256)
+	}
+	s.image[st.Active] = img
+	return s, nil
+}
+
+func checkState(st State, model string) error {
+	switch {
+	case st.Model != model:
+		return fmt.Errorf("model %q, this device is %q", st.Model, model)
+	case st.Active != 0 && st.Active != 1:
+		return fmt.Errorf("active slot %d, want 0 or 1", st.Active)
+	case st.SHA256 != "" && !isSHA256(st.SHA256):
+		return fmt.Errorf("sha256 %q is not 64 lowercase hex digits", st.SHA256)
+	}
+	if _, err := protocol.ParseVersion(st.Version); err != nil {
+		return err
+	}
+	return nil
+}
+
+// installed returns the image that boots; nil when there is none.
+func (s *slots) installed() []byte { return s.image[s.state.Active] }
+
+// install writes image, which matches m, to the inactive slot and makes it the one that boots,
+// with m's version and counter. On error nothing changed: the old image still boots.
+func (s *slots) install(m protocol.Manifest, image []byte) error {
+	next := 1 - s.state.Active
+	st := s.state
+	st.Active, st.Version, st.SHA256 = next, m.Version, sha256Hex(image)
+	st.Counter = max(st.Counter, m.Counter)
+	if s.dir != "" {
+		if err := writeAtomic(s.dir, slotFiles[next], image); err != nil {
+			return fmt.Errorf("write slot %s: %w", st.Slot(), err)
+		}
+		// The switch: active slot, version and counter change together in one rename.
+		if err := s.saveState(st); err != nil {
+			return err
+		}
+	}
+	s.state = st
+	s.image[next] = image
+	return nil
+}
+
+func (s *slots) saveState(st State) error {
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode state: %w", err)
+	}
+	if err := writeAtomic(s.dir, stateFile, append(b, '\n')); err != nil {
+		return fmt.Errorf("write state: %w", err)
+	}
+	return nil
+}
+
+// writeAtomic replaces dir/name with data: temp file, fsync, rename, fsync of the directory,
+// so that after a crash dir/name is either the old content or the new one.
+func writeAtomic(dir, name string, data []byte) (err error) {
+	f, err := os.CreateTemp(dir, "."+name+".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if _, err = f.Write(data); err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	if err = os.Rename(f.Name(), filepath.Join(dir, name)); err != nil {
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// readLimited reads a file of at most limit bytes; a bigger one is an error, not an
+// allocation of whatever size it has.
+func readLimited(path string, limit int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("%s is larger than %d bytes", path, limit)
+	}
+	return b, nil
+}
+
+// stateDirFor returns the directory of device id under root, refusing ids that would not
+// name a single directory inside it ("." and ".." are valid device ids).
+func stateDirFor(root, id string) (string, error) {
+	if id == "." || id == ".." || strings.ContainsAny(id, `/\`) || !filepath.IsLocal(id) {
+		return "", fmt.Errorf("device id %q cannot name a state directory", id)
+	}
+	return filepath.Join(root, id), nil
+}
+
+func sha256Hex(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+func isSHA256(s string) bool {
+	if len(s) != 2*sha256.Size {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
