@@ -3,7 +3,7 @@ BIN     ?= bin/fota
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: build test test-short demo lint static clean
+.PHONY: build test test-short demo lint static clean bench-delta
 
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) .
@@ -30,6 +30,15 @@ static:
 		-ldflags '$(LDFLAGS) -linkmode external -extldflags "-static"' -o bin/fota-static .
 	@file bin/fota-static
 	@ldd bin/fota-static || true
+
+FIRMWARE ?= ../shared/firmware
+
+# Delta patches against Debian's bsdiff and xdelta3 on real firmware: patch size, and time and
+# peak memory (max RSS of each process) to make and to apply. Installs the two tools if missing.
+bench-delta:
+	command -v bsdiff >/dev/null && command -v xdelta3 >/dev/null || \
+		{ apt-get update && apt-get install -y --no-install-recommends bsdiff xdelta3; }
+	$(GO) run ./bench/delta -firmware $(FIRMWARE)
 
 clean:
 	rm -rf bin

@@ -15,6 +15,7 @@ import (
 	"github.com/fota-dev/fota/certs"
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/devicesim"
+	"github.com/fota-dev/fota/firmware"
 )
 
 // demoFirmware holds two real releases of one device's firmware; see demofirmware/NOTICE.md.
@@ -88,12 +89,20 @@ func demo(ctx context.Context, n int, out io.Writer, logger *slog.Logger) error 
 		return err
 	}
 	client := api.NewClient("https://"+srv.api.Addr().String(), adminTLS)
+	var fromCounter uint64
 	for _, v := range []string{demoFrom, demoTo} {
 		f, _, err := client.AddFirmware(ctx, demoModel, v, "demo", bytes.NewReader(demoImage(v)))
 		if err != nil {
 			return fmt.Errorf("add firmware %s: %w", v, err)
 		}
-		fmt.Fprintf(out, "demo: firmware %s %s added, %d bytes, sha256 %s\n", f.Model, f.Version, f.Size, f.SHA256[:16])
+		if v == demoFrom {
+			fromCounter = f.Counter
+		}
+		fmt.Fprintf(out, "demo: firmware %s %s added, %d bytes, sha256 %s, counter %d, signed\n", f.Model, f.Version, f.Size, f.SHA256[:16], f.Counter)
+	}
+	pub, err := firmware.LoadPublicKey(srv.releasePub)
+	if err != nil {
+		return err
 	}
 
 	tlsFor, err := deviceTLSFor(certsDir, brokerAddr)
@@ -108,8 +117,8 @@ func demo(ctx context.Context, n int, out io.Writer, logger *slog.Logger) error 
 	start := time.Now()
 	go func() {
 		rs, err := devicesim.RunFleet(ctx, devicesim.FleetConfig{
-			N: n, Model: demoModel, Version: demoFrom, Image: demoImage(demoFrom),
-			Broker: brokerAddr, TLSFor: tlsFor, IDPrefix: "demo", UntilVersion: demoTo, Logger: logger,
+			N: n, Model: demoModel, Version: demoFrom, Image: demoImage(demoFrom), Counter: fromCounter,
+			PublicKey: pub, Broker: brokerAddr, TLSFor: tlsFor, IDPrefix: "demo", UntilVersion: demoTo, Logger: logger,
 		})
 		done <- fleetResult{rs, err}
 	}()

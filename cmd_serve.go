@@ -41,7 +41,7 @@ func runServe(args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "fota serving: mqtts://%s, admin API https://%s\n", srv.broker.Addr(), srv.api.Addr())
+	fmt.Fprintf(stdout, "fota serving: mqtts://%s, admin API https://%s, release key %s\n", srv.broker.Addr(), srv.api.Addr(), srv.releasePub)
 	<-ctx.Done()
 	logger.Info("shutting down")
 	closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -20,6 +20,7 @@ import (
 	"github.com/fota-dev/fota/certs"
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/devicesim"
+	"github.com/fota-dev/fota/firmware"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -51,75 +52,104 @@ func adminClient(t *testing.T, srv *server, certsDir string) *api.Client {
 	return api.NewClient("https://"+srv.api.Addr().String(), tlsConf)
 }
 
-// TestEndToEnd updates three simulated devices through the real server: firmware uploaded over
-// the admin API, offered by the controller, streamed in chunks by the broker, verified and
-// installed by each device, every transition recorded.
+// TestEndToEnd updates three simulated devices through the real server: firmware uploaded
+// over the admin API and signed, offered by the controller, streamed in chunks by the broker,
+// verified against the pinned release key and installed by each device, every transition
+// recorded. When the server holds the devices' current image it sends a verified delta patch;
+// when it does not, the full image.
 func TestEndToEnd(t *testing.T) {
-	srv, certsDir := testServer(t)
-	client := adminClient(t, srv, certsDir)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	for _, v := range []string{demoFrom, demoTo} {
-		if _, _, err := client.AddFirmware(ctx, demoModel, v, "", bytes.NewReader(demoImage(v))); err != nil {
-			t.Fatal(err)
-		}
+	tests := []struct {
+		name      string
+		versions  []string // added to the server, in order
+		wantDelta bool
+	}{
+		{"delta", []string{demoFrom, demoTo}, true},
+		{"full image", []string{demoTo}, false},
 	}
-	const n = 3
-	tlsFor, err := deviceTLSFor(certsDir, srv.broker.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	results := make(chan []devicesim.Result, 1)
-	errs := make(chan error, 1)
-	go func() {
-		rs, err := devicesim.RunFleet(ctx, devicesim.FleetConfig{
-			N: n, Model: demoModel, Version: demoFrom, Image: demoImage(demoFrom),
-			Broker: srv.broker.Addr().String(), TLSFor: tlsFor, UntilVersion: demoTo,
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, certsDir := testServer(t)
+			client := adminClient(t, srv, certsDir)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			var counter uint64
+			for _, v := range tc.versions {
+				f, _, err := client.AddFirmware(ctx, demoModel, v, "", bytes.NewReader(demoImage(v)))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if v == demoFrom {
+					counter = f.Counter
+				}
+			}
+			pub, err := firmware.LoadPublicKey(srv.releasePub)
+			if err != nil {
+				t.Fatal(err)
+			}
+			const n = 3
+			tlsFor, err := deviceTLSFor(certsDir, srv.broker.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			results := make(chan []devicesim.Result, 1)
+			errs := make(chan error, 1)
+			go func() {
+				rs, err := devicesim.RunFleet(ctx, devicesim.FleetConfig{
+					N: n, Model: demoModel, Version: demoFrom, Image: demoImage(demoFrom), Counter: counter,
+					PublicKey: pub, Broker: srv.broker.Addr().String(), TLSFor: tlsFor, UntilVersion: demoTo,
+				})
+				results <- rs
+				errs <- err
+			}()
+			if err := waitOnline(ctx, client, n); err != nil {
+				t.Fatal(err)
+			}
+			r, err := client.CreateRollout(ctx, controller.RolloutSpec{Model: demoModel, Version: demoTo})
+			if err != nil {
+				t.Fatal(err)
+			}
+			rs := <-results
+			if err := <-errs; err != nil {
+				t.Fatalf("fleet: %v", err)
+			}
+			if len(rs) != n {
+				t.Fatalf("got %d results, want %d", len(rs), n)
+			}
+			size := int64(len(demoImage(demoTo)))
+			for _, x := range rs {
+				if x.State != protocol.StateInstalled || x.From != demoFrom || x.To != demoTo || x.Delta != tc.wantDelta {
+					t.Errorf("device %s: got %s %s->%s delta=%v, want installed %s->%s delta=%v", x.ID, x.State, x.From, x.To, x.Delta, demoFrom, demoTo, tc.wantDelta)
+				}
+				if tc.wantDelta && x.Bytes >= size/4 {
+					t.Errorf("device %s: downloaded %d bytes of a delta, want under a quarter of the %d-byte image", x.ID, x.Bytes, size)
+				}
+				if !tc.wantDelta && x.Bytes != size {
+					t.Errorf("device %s: downloaded %d bytes, want the %d-byte image", x.ID, x.Bytes, size)
+				}
+			}
+			// The server's record agrees, once the last installed reports are in.
+			d, err := waitFinished(ctx, client, r.ID, n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d.Counts[controller.JobInstalled] != n || d.State != controller.RolloutCompleted {
+				t.Fatalf("got rollout %s with counts %v, want %s with %d installed", d.State, d.Counts, controller.RolloutCompleted, n)
+			}
+			for _, j := range d.Jobs {
+				if j.From != demoFrom || j.To != demoTo || j.Started.IsZero() || j.Finished.IsZero() || j.Delta != tc.wantDelta {
+					t.Errorf("job %+v: want from, to, started, finished and delta=%v recorded", j, tc.wantDelta)
+				}
+			}
+			ds, err := client.ListDevices(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, d := range ds {
+				if d.Version != demoTo {
+					t.Errorf("device %s: got version %s, want %s", d.ID, d.Version, demoTo)
+				}
+			}
 		})
-		results <- rs
-		errs <- err
-	}()
-	if err := waitOnline(ctx, client, n); err != nil {
-		t.Fatal(err)
-	}
-	r, err := client.CreateRollout(ctx, controller.RolloutSpec{Model: demoModel, Version: demoTo})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rs := <-results
-	if err := <-errs; err != nil {
-		t.Fatalf("fleet: %v", err)
-	}
-	if len(rs) != n {
-		t.Fatalf("got %d results, want %d", len(rs), n)
-	}
-	wantBytes := int64(len(demoImage(demoTo)))
-	for _, x := range rs {
-		if x.State != protocol.StateInstalled || x.From != demoFrom || x.To != demoTo || x.Bytes != wantBytes {
-			t.Errorf("device %s: got %s %s->%s %d bytes, want installed %s->%s %d bytes", x.ID, x.State, x.From, x.To, x.Bytes, demoFrom, demoTo, wantBytes)
-		}
-	}
-	// The server's record agrees, once the last installed reports are in.
-	d, err := waitFinished(ctx, client, r.ID, n)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d.Counts[controller.JobInstalled] != n || d.State != controller.RolloutCompleted {
-		t.Fatalf("got rollout %s with counts %v, want %s with %d installed", d.State, d.Counts, controller.RolloutCompleted, n)
-	}
-	for _, j := range d.Jobs {
-		if j.From != demoFrom || j.To != demoTo || j.Started.IsZero() || j.Finished.IsZero() {
-			t.Errorf("job %+v: want from, to, started and finished recorded", j)
-		}
-	}
-	ds, err := client.ListDevices(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range ds {
-		if d.Version != demoTo {
-			t.Errorf("device %s: got version %s, want %s", d.ID, d.Version, demoTo)
-		}
 	}
 }
 

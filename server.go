@@ -33,6 +33,7 @@ type server struct {
 	store     *firmware.Store
 	broker    *broker.Broker
 	ctrl      *controller.Controller
+	patcher   *firmware.Patcher
 	api       *api.Server
 	stopWatch context.CancelFunc
 	watchDone chan struct{}
@@ -117,8 +118,20 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
 	}
+	// Delta patches need the release key: each patch gets its own signed manifest.
+	var deltas controller.Deltas
+	if s.store.CanSign() {
+		s.patcher, err = firmware.NewPatcher(firmware.PatcherOptions{
+			Store: s.store, DB: s.db, Logger: log,
+			OnReady: func(base, target string) { ctrl.DeltaReady(base, target) },
+		})
+		if err != nil {
+			return nil, err
+		}
+		deltas = s.patcher
+	}
 	ctrl, err = controller.New(controller.Options{
-		DB: s.db, Publisher: s.broker, Firmware: firmwareSource{s.store}, Logger: log,
+		DB: s.db, Publisher: s.broker, Firmware: firmwareSource{s.store}, Deltas: deltas, Logger: log,
 	})
 	if err != nil {
 		return nil, err
@@ -133,6 +146,9 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	}
 	if err := ctrl.Start(); err != nil {
 		return nil, err
+	}
+	if s.patcher != nil {
+		s.patcher.Start()
 	}
 	if err := s.broker.Start(); err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
@@ -176,6 +192,9 @@ func (s *server) Close(ctx context.Context) error {
 	}
 	if s.broker != nil {
 		errs = append(errs, s.broker.Close(ctx))
+	}
+	if s.patcher != nil {
+		errs = append(errs, s.patcher.Close(ctx))
 	}
 	if s.ctrl != nil {
 		errs = append(errs, s.ctrl.Close(ctx))
