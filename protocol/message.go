@@ -29,6 +29,10 @@ type Status struct {
 	SHA256  string `json:"sha256,omitempty"` // hex sha256 of the installed image
 	State   string `json:"state"`            // one of the State constants
 	Job     string `json:"job,omitempty"`    // job the device is working on, if any
+	// MaxChunk is the largest chunk the device can take, in bytes, within
+	// [MinChunkSize, MaxChunkSize]; 0 means the server's default. Offers use the smaller of it
+	// and the server's chunk size.
+	MaxChunk int `json:"max_chunk,omitempty"`
 }
 
 // Offer is what the server publishes on SuffixJob to ask a device to install a firmware.
