@@ -67,6 +67,7 @@ func (s *cliFakeStore) List() ([]firmware.Firmware, error) {
 
 // cliFakeRollouts creates rollouts with two jobs, on devices dev-1 and dev-2.
 type cliFakeRollouts struct {
+	specs   []controller.RolloutSpec
 	mu      sync.Mutex
 	details []controller.RolloutDetail
 	devices []controller.Device
@@ -83,7 +84,11 @@ func (f *cliFakeRollouts) CreateRollout(ctx context.Context, spec controller.Rol
 		ID: id, Model: spec.Model, Version: spec.Version, SHA256: strings.Repeat("ab", 32), Size: 3 << 20,
 		State: controller.RolloutActive, Created: cliTestTime, Updated: cliTestTime,
 		Counts: map[string]int{controller.JobDownloading: 1, controller.JobFailed: 1},
+		Spec:   spec, Devices: 2, WavesStarted: 1,
+		Waves: []controller.WaveStatus{{Percent: 100, State: controller.WaveRunning, Devices: 2,
+			Counts: map[string]int{controller.JobDownloading: 1, controller.JobFailed: 1}}},
 	}
+	f.specs = append(f.specs, spec)
 	jobs := []controller.Job{
 		{ID: "j1", Rollout: id, Device: "dev-1", From: "1.0.0", To: spec.Version, State: controller.JobDownloading, Bytes: 1 << 20, Created: cliTestTime, Updated: cliTestTime},
 		{ID: "j2", Rollout: id, Device: "dev-2", From: "1.0.0", To: spec.Version, State: controller.JobFailed, Reason: "hash-mismatch\x1b[2J", Created: cliTestTime, Updated: cliTestTime},
@@ -113,11 +118,92 @@ func (f *cliFakeRollouts) GetRollout(id string) (controller.RolloutDetail, error
 	return controller.RolloutDetail{}, fmt.Errorf("rollout %s %w", id, controller.ErrNotFound)
 }
 
+func (f *cliFakeRollouts) Rollout(id string) (controller.Rollout, error) {
+	d, err := f.GetRollout(id)
+	return d.Rollout, err
+}
+
+func (f *cliFakeRollouts) Jobs(id string, q controller.JobQuery) ([]controller.Job, error) {
+	d, err := f.GetRollout(id)
+	if err != nil {
+		return nil, err
+	}
+	var out []controller.Job
+	for _, j := range d.Jobs {
+		if (q.State == "" || j.State == q.State) && j.Device > q.After && (q.Limit == 0 || len(out) < q.Limit) {
+			out = append(out, j)
+		}
+	}
+	return out, nil
+}
+
+func (f *cliFakeRollouts) setState(id, state, reason string) (controller.Rollout, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, d := range f.details {
+		if d.ID == id {
+			f.details[i].State, f.details[i].Reason = state, reason
+			return f.details[i].Rollout, nil
+		}
+	}
+	return controller.Rollout{}, fmt.Errorf("rollout %s %w", id, controller.ErrNotFound)
+}
+
+func (f *cliFakeRollouts) PauseRollout(id, reason string) (controller.Rollout, error) {
+	return f.setState(id, controller.RolloutPaused, reason)
+}
+
+func (f *cliFakeRollouts) ResumeRollout(id string) (controller.Rollout, error) {
+	return f.setState(id, controller.RolloutActive, "")
+}
+
+func (f *cliFakeRollouts) CancelRollout(id string) (controller.Rollout, error) {
+	return f.setState(id, controller.RolloutCanceling, "canceled by the operator")
+}
+
+func (f *cliFakeRollouts) Events(id string, after uint64, limit int) (controller.EventLog, error) {
+	if _, err := f.GetRollout(id); err != nil {
+		return controller.EventLog{}, err
+	}
+	log := controller.EventLog{Total: 3}
+	for seq := after + 1; seq <= 3 && (limit == 0 || len(log.Events) < limit); seq++ {
+		log.Events = append(log.Events, controller.Event{Seq: seq, Time: cliTestTime, Device: "dev-1", Job: "j1", From: "offered", To: "downloading"})
+	}
+	return log, nil
+}
+
+func (f *cliFakeRollouts) TagDevice(id string, tags map[string]string) (controller.Device, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, d := range f.devices {
+		if d.ID == id {
+			next := map[string]string{}
+			for k, v := range d.Tags {
+				next[k] = v
+			}
+			for k, v := range tags {
+				if v == "" {
+					delete(next, k)
+				} else {
+					next[k] = v
+				}
+			}
+			f.devices[i].Tags = next
+			return f.devices[i], nil
+		}
+	}
+	return controller.Device{}, fmt.Errorf("device %s %w", id, controller.ErrNotFound)
+}
+
 func (f *cliFakeRollouts) ListDevices() ([]controller.Device, error) {
-	return f.devices, nil
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.devices), nil
 }
 
 func (f *cliFakeRollouts) GetDevice(id string) (controller.Device, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	for _, d := range f.devices {
 		if d.ID == id {
 			return d, nil
@@ -210,8 +296,8 @@ func TestAdminCLIErrors(t *testing.T) {
 	}{
 		{"unknown flag", []string{"firmware", "list", "--bogus", "--certs", a.certs}, 2,
 			"firmware list: flag provided but not defined: -bogus"},
-		{"missing sub-command", []string{"rollout"}, 2, "rollout: missing sub-command, one of: create, list, show"},
-		{"unknown sub-command", []string{"device", "remove"}, 2, `device: unknown sub-command "remove", want one of: list, show`},
+		{"missing sub-command", []string{"rollout"}, 2, "rollout: missing sub-command, one of: cancel, create, events, list, pause, resume, show, watch"},
+		{"unknown sub-command", []string{"device", "remove"}, 2, `device: unknown sub-command "remove", want one of: list, show, tag`},
 		{"missing certs", []string{"device", "list"}, 2, "device list: --certs is required (or set $FOTA_CERTS)"},
 		{"plain http server", []string{"device", "list", "--certs", a.certs, "--server", "http://127.0.0.1:8080"}, 2,
 			`device list: bad --server "http://127.0.0.1:8080": want https://HOST:PORT`},
@@ -339,7 +425,7 @@ func TestAdminCLIHappyPath(t *testing.T) {
 	})
 	t.Run("rollout create", func(t *testing.T) {
 		code, out, errOut := a.fota(t, "rollout", "create", "--model", "primehub", "--version", "1.2.3")
-		want := "rollout r2 created: primehub 1.2.3, active, 2 jobs: downloading 1, failed 1\n"
+		want := "rollout r2 created: primehub 1.2.3, active, 2 devices: downloading 1, failed 1\n"
 		if code != 0 || out != want {
 			t.Errorf("got exit %d, stdout %q, stderr %q; want 0 and %q", code, out, errOut, want)
 		}
@@ -365,7 +451,7 @@ func TestAdminCLIHappyPath(t *testing.T) {
 		for _, want := range []string{
 			"rollout  r1\n",
 			"state    active\n",
-			"jobs     2 jobs: downloading 1, failed 1\n",
+			"devices  2 devices: downloading 1, failed 1\n",
 			"\nDEVICE  FROM   TO     STATE        BYTES    REASON\n",
 			"dev-1   1.0.0  1.2.3  downloading  1.0 MiB  -\n",
 			"dev-2   1.0.0  1.2.3  failed       0 B      hash-mismatch?[2J\n",
@@ -381,7 +467,7 @@ func TestAdminCLIHappyPath(t *testing.T) {
 	t.Run("rollout list", func(t *testing.T) {
 		code, out, errOut := a.fota(t, "rollout", "list")
 		lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
-		if code != 0 || len(lines) != 3 || !strings.HasPrefix(lines[1], "r1  primehub  1.2.3    active  2     0          1       ") {
+		if code != 0 || len(lines) != 3 || !strings.HasPrefix(lines[1], "r1  primehub  1.2.3    active  2        0          1       1/1    ") {
 			t.Errorf("got exit %d, stderr %q, stdout\n%s\nwant a header and rows for r1 and r2", code, errOut, out)
 		}
 	})
@@ -405,4 +491,115 @@ func TestAdminCLIHappyPath(t *testing.T) {
 			t.Errorf("got exit %d, stderr %q, stdout\n%s\nwant dev-1 online", code, errOut, out)
 		}
 	})
+}
+
+func TestRolloutCLI(t *testing.T) {
+	a := startAdminAPI(t)
+	if code, _, errOut := a.fota(t, "rollout", "create", "--model", "primehub", "--version", "1.2.3"); code != 0 {
+		t.Fatalf("create: exit %d, %s", code, errOut)
+	}
+	t.Run("create with every control", func(t *testing.T) {
+		code, out, errOut := a.fota(t, "rollout", "create", "--model", "primehub", "--version", "1.2.3", "--json",
+			"--tags", "ring=beta", "--tags", "site=lyon", "--devices", "dev-1,dev-2", "--percent", "50", "--waves", "1,10,50,100",
+			"--gate", "90", "--soak", "1h", "--start", "2030-01-02T03:04:05Z", "--window", "0 2 * * *", "--window-duration", "4h",
+			"--tz", "Europe/Paris", "--window-end", "pause", "--max-concurrent", "7", "--offer-jitter", "30s",
+			"--timeout-offered", "1m", "--timeout-downloading", "2m", "--timeout-installing", "3m", "--max-attempts", "5",
+			"--abort-failure-rate", "5", "--abort-min-finished", "20")
+		if code != 0 {
+			t.Fatalf("got exit %d, stderr %q", code, errOut)
+		}
+		var r controller.Rollout
+		if err := json.Unmarshal([]byte(out), &r); err != nil || r.ID != "r2" {
+			t.Fatalf("got %q (%v), want the new rollout as JSON with its id", out, err)
+		}
+		got := a.rollouts.specs[len(a.rollouts.specs)-1]
+		want := controller.RolloutSpec{Model: "primehub", Version: "1.2.3", Tags: map[string]string{"ring": "beta", "site": "lyon"},
+			Devices: []string{"dev-1", "dev-2"}, Percent: 50, Waves: []int{1, 10, 50, 100}, Gate: 90, Soak: controller.Duration(time.Hour),
+			Start: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC), Window: "0 2 * * *", WindowDuration: controller.Duration(4 * time.Hour),
+			TZ: "Europe/Paris", WindowEnd: "pause", MaxConcurrent: 7, OfferJitter: controller.Duration(30 * time.Second),
+			TimeoutOffered: controller.Duration(time.Minute), TimeoutDownloading: controller.Duration(2 * time.Minute),
+			TimeoutInstalling: controller.Duration(3 * time.Minute), MaxAttempts: 5, AbortFailureRate: 5, AbortMinFinished: 20}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("got spec %+v, want %+v", got, want)
+		}
+	})
+	usage := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"bad waves", []string{"--waves", "1,x"}, `rollout create: --waves "1,x": want percentages like 1,10,50,100`},
+		{"bad tag", []string{"--tags", "ring"}, `rollout create: invalid value "ring" for flag -tags: want key=value, got "ring"`},
+		{"bad window end", []string{"--window-end", "stop"}, `rollout create: --window-end "stop": want continue or pause`},
+		{"window alone", []string{"--window", "0 2 * * *"}, "rollout create: --window and --window-duration go together"},
+		{"bad start", []string{"--start", "tomorrow"}, `rollout create: --start: bad time "tomorrow": want RFC 3339, e.g. 2025-03-04T02:00:00Z, or +2h`},
+		{"bad device", []string{"--devices", "a/b"}, `rollout create: --devices: invalid device id: "a/b" may not contain '/'`},
+	}
+	for _, tc := range usage {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{"rollout", "create", "--model", "primehub", "--version", "1.2.3"}, tc.args...)
+			code, out, errOut := a.fota(t, args...)
+			if code != 2 || errOut != "fota: "+tc.want+"\n" || out != "" {
+				t.Fatalf("got exit %d, stderr %q, stdout %q; want 2 and %q", code, errOut, out, tc.want)
+			}
+		})
+	}
+	lines := []struct {
+		name string
+		args []string
+		want []string
+	}{
+		{"pause", []string{"rollout", "pause", "r1", "--reason", "checking logs"}, []string{"rollout r1 paused (checking logs)\n"}},
+		{"resume", []string{"rollout", "resume", "r1"}, []string{"rollout r1 active\n"}},
+		{"events", []string{"rollout", "events", "r1"}, []string{"SEQ  TIME", "3    ", "offered  downloading"}},
+		{"watch once", []string{"rollout", "watch", "r1", "--once"}, []string{"rollout r1  primehub 1.2.3  active  1/2 finished  ETA unknown\n",
+			"wave 1  100% [xxxxxxxxxxxxxxx>>>>>>>>>>>>>>>] running  2 devices, downloading 1, failed 1\n"}},
+		{"show failed", []string{"rollout", "show", "r1", "--failed"}, []string{"DEVICE  FROM   TO     ATTEMPTS", "dev-2   1.0.0  1.2.3  0", "hash-mismatch?[2J"}},
+		{"show waves", []string{"rollout", "show", "r1"}, []string{"WAVE  PERCENT  STATE    DEVICES  INSTALLED  FAILED  IN FLIGHT  WAITING", "1     100%     running  2        0          1       1"}},
+		{"cancel", []string{"rollout", "cancel", "r1"}, []string{"rollout r1 canceling: waiting for 0 devices verifying or installing to report\n"}},
+		{"device tag", []string{"device", "tag", "dev-1", "ring=beta", "site=lyon"}, []string{"device dev-1 tags: ring=beta,site=lyon\n"}},
+		{"device untag", []string{"device", "tag", "dev-1", "site="}, []string{"device dev-1 tags: ring=beta\n"}},
+		{"device show tags", []string{"device", "show", "dev-1"}, []string{"tags       ring=beta\n"}},
+	}
+	for _, tc := range lines {
+		t.Run(tc.name, func(t *testing.T) {
+			code, out, errOut := a.fota(t, tc.args...)
+			if code != 0 {
+				t.Fatalf("got exit %d, stderr %q", code, errOut)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("got\n%s\nwant it to contain %q", out, w)
+				}
+			}
+			if strings.Contains(out, "\x1b") {
+				t.Errorf("got an escape character in %q", out)
+			}
+		})
+	}
+	if code, _, errOut := a.fota(t, "device", "tag", "dev-1", "bad key=x"); code != 2 || !strings.Contains(errOut, "tag key") {
+		t.Fatalf("got exit %d, stderr %q; want a usage error about the key", code, errOut)
+	}
+}
+
+func TestParseStart(t *testing.T) {
+	now := time.Date(2025, 3, 4, 5, 6, 7, 0, time.UTC)
+	tests := []struct {
+		in   string
+		want time.Time
+		ok   bool
+	}{
+		{"+2h", now.Add(2 * time.Hour), true},
+		{"2030-01-02T03:04:05+01:00", time.Date(2030, 1, 2, 2, 4, 5, 0, time.UTC), true},
+		{"+-1h", time.Time{}, false},
+		{"tomorrow", time.Time{}, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.in, func(t *testing.T) {
+			got, err := parseStart(tc.in, now)
+			if (err == nil) != tc.ok || !got.Equal(tc.want) {
+				t.Fatalf("got %v (%v), want %v ok=%v", got, err, tc.want, tc.ok)
+			}
+		})
+	}
 }

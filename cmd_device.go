@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/fota-dev/fota/api"
 	"github.com/fota-dev/fota/controller"
@@ -14,6 +15,7 @@ func runDevice(args []string, stdout io.Writer) error {
 	return subcommand("device", args, stdout, map[string]func([]string, io.Writer) error{
 		"list": runDeviceList,
 		"show": runDeviceShow,
+		"tag":  runDeviceTag,
 	})
 }
 
@@ -41,9 +43,9 @@ func runDeviceList(args []string, stdout io.Writer) error {
 			return err
 		}
 		tw := newTable(stdout)
-		row(tw, "ID", "MODEL", "VERSION", "ONLINE", "LAST SEEN", "JOB")
+		row(tw, "ID", "MODEL", "VERSION", "ONLINE", "LAST SEEN", "TAGS", "JOB")
 		for _, d := range list {
-			row(tw, d.ID, d.Model, orDash(d.Version), yesNo(d.Online), fmtTime(d.LastSeen), orDash(d.Job))
+			row(tw, d.ID, d.Model, orDash(d.Version), yesNo(d.Online), fmtTime(d.LastSeen), orDash(tagFlags(d.Tags).String()), orDash(d.Job))
 		}
 		return tw.Flush()
 	})
@@ -84,8 +86,65 @@ func printDevice(w io.Writer, d controller.Device) error {
 	row(tw, "sha256", orDash(d.SHA256))
 	row(tw, "online", yesNo(d.Online))
 	row(tw, "last seen", fmtTime(d.LastSeen))
+	row(tw, "tags", orDash(tagFlags(d.Tags).String()))
 	row(tw, "job", orDash(d.Job))
 	return tw.Flush()
+}
+
+// runDeviceTag sets tags: fota device tag ID k=v [k=v ...]; k= removes tag k.
+func runDeviceTag(args []string, stdout io.Writer) error {
+	const cmd = "device tag"
+	fs := newFlags(cmd, stdout)
+	af := addAdminFlags(fs)
+	asJSON := fs.Bool("json", false, "print the device as JSON")
+	// Flags may come before, between or after the positional arguments.
+	var pos []string
+	rest := args
+	for {
+		if err := parseFlags(fs, rest, len(rest)); err != nil {
+			return err
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		pos = append(pos, fs.Arg(0))
+		rest = fs.Args()[1:]
+	}
+	if len(pos) == 0 {
+		return usagef("%s: missing device ID", cmd)
+	}
+	id := pos[0]
+	if err := protocol.ValidDeviceID(id); err != nil {
+		return usagef("%s: bad device ID: %v", cmd, err)
+	}
+	if len(pos) == 1 {
+		return usagef("%s: missing tags: want key=value (key= removes a tag)", cmd)
+	}
+	tags := map[string]string{}
+	for _, kv := range pos[1:] {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return usagef("%s: bad tag %q: want key=value (key= removes a tag)", cmd, kv)
+		}
+		if err := controller.ValidTag(k, v); err != nil {
+			return usagef("%s: %v", cmd, err)
+		}
+		tags[k] = v
+	}
+	if err := af.check(cmd); err != nil {
+		return err
+	}
+	return af.callAPI(cmd, func(ctx context.Context, c *api.Client) error {
+		d, err := c.TagDevice(ctx, id, tags)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return printJSON(stdout, d)
+		}
+		_, err = fmt.Fprintf(stdout, "device %s tags: %s\n", clean(d.ID), orDash(clean(tagFlags(d.Tags).String())))
+		return err
+	})
 }
 
 func yesNo(b bool) string {

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/base64"
@@ -185,6 +186,102 @@ func (c *Client) GetRollout(ctx context.Context, id string) (controller.RolloutD
 	}
 	_, err := c.do(ctx, http.MethodGet, pathRollouts+"/"+url.PathEscape(id), nil, nil, nil, -1, &d)
 	return d, err
+}
+
+// GetRolloutJobs returns a rollout with its first n jobs (0 for none).
+func (c *Client) GetRolloutJobs(ctx context.Context, id string, n int) (controller.RolloutDetail, error) {
+	var d controller.RolloutDetail
+	if id == "" {
+		return d, errors.New("rollout id is empty")
+	}
+	q := url.Values{"jobs": {strconv.Itoa(n)}}
+	_, err := c.do(ctx, http.MethodGet, pathRollouts+"/"+url.PathEscape(id), q, nil, nil, -1, &d)
+	return d, err
+}
+
+// RolloutJobs returns jobs of a rollout: of one state when q.State is set (JobFailed gives
+// the failure list with reasons), after device q.After, at most q.Limit (default 1000).
+func (c *Client) RolloutJobs(ctx context.Context, id string, q controller.JobQuery) ([]controller.Job, error) {
+	if id == "" {
+		return nil, errors.New("rollout id is empty")
+	}
+	v := url.Values{}
+	if q.State != "" {
+		v.Set("state", q.State)
+	}
+	if q.After != "" {
+		v.Set("after", q.After)
+	}
+	if q.Limit > 0 {
+		v.Set("limit", strconv.Itoa(q.Limit))
+	}
+	var jobs []controller.Job
+	_, err := c.do(ctx, http.MethodGet, pathRollouts+"/"+url.PathEscape(id)+"/jobs", v, nil, nil, -1, &jobs)
+	return jobs, err
+}
+
+// RolloutEvents returns entries of a rollout's event log after sequence number after, at
+// most limit (0: the server's default).
+func (c *Client) RolloutEvents(ctx context.Context, id string, after uint64, limit int) (controller.EventLog, error) {
+	var log controller.EventLog
+	if id == "" {
+		return log, errors.New("rollout id is empty")
+	}
+	v := url.Values{}
+	if after > 0 {
+		v.Set("after", strconv.FormatUint(after, 10))
+	}
+	if limit > 0 {
+		v.Set("limit", strconv.Itoa(limit))
+	}
+	_, err := c.do(ctx, http.MethodGet, pathRollouts+"/"+url.PathEscape(id)+"/events", v, nil, nil, -1, &log)
+	return log, err
+}
+
+// PauseRollout pauses a rollout; reason may be empty.
+func (c *Client) PauseRollout(ctx context.Context, id, reason string) (controller.Rollout, error) {
+	return c.control(ctx, id, "pause", controlRequest{Reason: reason})
+}
+
+// ResumeRollout resumes a paused rollout.
+func (c *Client) ResumeRollout(ctx context.Context, id string) (controller.Rollout, error) {
+	return c.control(ctx, id, "resume", nil)
+}
+
+// CancelRollout cancels a rollout.
+func (c *Client) CancelRollout(ctx context.Context, id string) (controller.Rollout, error) {
+	return c.control(ctx, id, "cancel", nil)
+}
+
+func (c *Client) control(ctx context.Context, id, verb string, body any) (controller.Rollout, error) {
+	var r controller.Rollout
+	if id == "" {
+		return r, errors.New("rollout id is empty")
+	}
+	_, err := c.doJSON(ctx, http.MethodPost, pathRollouts+"/"+url.PathEscape(id)+"/"+verb, body, &r)
+	return r, err
+}
+
+// TagDevice sets tags of a device; an empty value removes the tag.
+func (c *Client) TagDevice(ctx context.Context, id string, tags map[string]string) (controller.Device, error) {
+	var d controller.Device
+	if id == "" {
+		return d, errors.New("device id is empty")
+	}
+	_, err := c.doJSON(ctx, http.MethodPost, pathDevices+"/"+url.PathEscape(id)+"/tags", tagRequest{Tags: tags}, &d)
+	return d, err
+}
+
+// doJSON sends body (nil for none) as JSON.
+func (c *Client) doJSON(ctx context.Context, method, path string, body, out any) (int, error) {
+	if body == nil {
+		return c.do(ctx, method, path, nil, nil, nil, -1, out)
+	}
+	b, err := json.Marshal(body)
+	if err != nil {
+		return 0, fmt.Errorf("encode request: %w", err)
+	}
+	return c.do(ctx, method, path, nil, nil, bytes.NewReader(b), int64(len(b)), out)
 }
 
 // ListDevices returns every registered device.

@@ -20,6 +20,8 @@ type fakeRollouts struct {
 	details  map[string]controller.RolloutDetail
 	devices  []controller.Device
 	specs    []controller.RolloutSpec
+	events   []controller.Event
+	queries  []controller.JobQuery
 }
 
 var _ Rollouts = (*fakeRollouts)(nil)
@@ -50,17 +52,111 @@ func (f *fakeRollouts) ListRollouts() ([]controller.Rollout, error) {
 	return f.rollouts, f.err
 }
 
-func (f *fakeRollouts) GetRollout(id string) (controller.RolloutDetail, error) {
+func (f *fakeRollouts) Rollout(id string) (controller.Rollout, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.err != nil {
-		return controller.RolloutDetail{}, f.err
+		return controller.Rollout{}, f.err
 	}
 	d, ok := f.details[id]
 	if !ok {
-		return d, fmt.Errorf("rollout %q: %w", id, controller.ErrNotFound)
+		return controller.Rollout{}, fmt.Errorf("rollout %q: %w", id, controller.ErrNotFound)
 	}
-	return d, nil
+	return d.Rollout, nil
+}
+
+func (f *fakeRollouts) Jobs(id string, q controller.JobQuery) ([]controller.Job, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return nil, f.err
+	}
+	d, ok := f.details[id]
+	if !ok {
+		return nil, fmt.Errorf("rollout %q: %w", id, controller.ErrNotFound)
+	}
+	f.queries = append(f.queries, q)
+	var out []controller.Job
+	for _, j := range d.Jobs {
+		if (q.State == "" || j.State == q.State) && j.Device > q.After && (q.Limit == 0 || len(out) < q.Limit) {
+			out = append(out, j)
+		}
+	}
+	return out, nil
+}
+
+// setState is what pause, resume and cancel do to the fake: a new state, or err.
+func (f *fakeRollouts) setState(id, state, reason string) (controller.Rollout, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return controller.Rollout{}, f.err
+	}
+	d, ok := f.details[id]
+	if !ok {
+		return controller.Rollout{}, fmt.Errorf("rollout %q: %w", id, controller.ErrNotFound)
+	}
+	if d.State == controller.RolloutCanceled {
+		return controller.Rollout{}, fmt.Errorf("%w: rollout %s is canceled", controller.ErrConflict, id)
+	}
+	d.State, d.Reason = state, reason
+	f.details[id] = d
+	return d.Rollout, nil
+}
+
+func (f *fakeRollouts) PauseRollout(id, reason string) (controller.Rollout, error) {
+	return f.setState(id, controller.RolloutPaused, reason)
+}
+
+func (f *fakeRollouts) ResumeRollout(id string) (controller.Rollout, error) {
+	return f.setState(id, controller.RolloutActive, "")
+}
+
+func (f *fakeRollouts) CancelRollout(id string) (controller.Rollout, error) {
+	return f.setState(id, controller.RolloutCanceled, "canceled by the operator")
+}
+
+func (f *fakeRollouts) Events(id string, after uint64, limit int) (controller.EventLog, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return controller.EventLog{}, f.err
+	}
+	if _, ok := f.details[id]; !ok {
+		return controller.EventLog{}, fmt.Errorf("rollout %q: %w", id, controller.ErrNotFound)
+	}
+	log := controller.EventLog{Total: uint64(len(f.events))}
+	for _, e := range f.events {
+		if e.Seq > after && (limit == 0 || len(log.Events) < limit) {
+			log.Events = append(log.Events, e)
+		}
+	}
+	return log, nil
+}
+
+func (f *fakeRollouts) TagDevice(id string, tags map[string]string) (controller.Device, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return controller.Device{}, f.err
+	}
+	for i, d := range f.devices {
+		if d.ID == id {
+			if d.Tags == nil {
+				d.Tags = map[string]string{}
+			}
+			for k, v := range tags {
+				if v == "" {
+					delete(d.Tags, k)
+				} else {
+					d.Tags[k] = v
+				}
+			}
+			f.devices[i] = d
+			return d, nil
+		}
+	}
+	return controller.Device{}, fmt.Errorf("device %q: %w", id, controller.ErrNotFound)
 }
 
 func (f *fakeRollouts) ListDevices() ([]controller.Device, error) {

@@ -24,6 +24,7 @@ const (
 	pathFirmware = "/api/v1/firmware"
 	pathRollouts = "/api/v1/rollouts"
 	pathDevices  = "/api/v1/devices"
+	pathOpenAPI  = "/api/openapi.json"
 )
 
 // headerManifest carries the base64 of the JSON of a manifest signed offline, with an upload.
@@ -53,20 +54,35 @@ func errStatus(status int, format string, args ...any) error {
 // JSON error response.
 type handlerFunc func(w http.ResponseWriter, r *http.Request) error
 
-func (s *Server) routes() http.Handler {
-	routes := []struct {
-		method, path string
-		h            handlerFunc
-	}{
+// route is one endpoint of the API.
+type route struct {
+	method, path string
+	h            handlerFunc
+}
+
+// routeList is every endpoint; the OpenAPI document describes each (a test checks).
+func (s *Server) routeList() []route {
+	return []route{
 		{http.MethodGet, pathHealth, s.health},
+		{http.MethodGet, pathOpenAPI, s.openAPI},
 		{http.MethodPost, pathFirmware, s.addFirmware},
 		{http.MethodGet, pathFirmware, s.listFirmware},
 		{http.MethodPost, pathRollouts, s.createRollout},
 		{http.MethodGet, pathRollouts, s.listRollouts},
 		{http.MethodGet, pathRollouts + "/{id}", s.getRollout},
+		{http.MethodGet, pathRollouts + "/{id}/jobs", s.rolloutJobs},
+		{http.MethodGet, pathRollouts + "/{id}/events", s.rolloutEvents},
+		{http.MethodPost, pathRollouts + "/{id}/pause", s.pauseRollout},
+		{http.MethodPost, pathRollouts + "/{id}/resume", s.resumeRollout},
+		{http.MethodPost, pathRollouts + "/{id}/cancel", s.cancelRollout},
 		{http.MethodGet, pathDevices, s.listDevices},
 		{http.MethodGet, pathDevices + "/{id}", s.getDevice},
+		{http.MethodPost, pathDevices + "/{id}/tags", s.tagDevice},
 	}
+}
+
+func (s *Server) routes() http.Handler {
+	routes := s.routeList()
 	mux := http.NewServeMux()
 	var paths []string
 	allowed := map[string][]string{}
@@ -309,59 +325,6 @@ func (s *Server) listFirmware(w http.ResponseWriter, r *http.Request) error {
 		return fmt.Errorf("list firmware: %w", err)
 	}
 	writeJSON(w, http.StatusOK, nonNil(list))
-	return nil
-}
-
-func (s *Server) createRollout(w http.ResponseWriter, r *http.Request) error {
-	var spec controller.RolloutSpec
-	if err := decodeJSON(w, r, &spec); err != nil {
-		return err
-	}
-	ro, err := s.opts.Rollouts.CreateRollout(r.Context(), spec)
-	if err != nil {
-		return err
-	}
-	w.Header().Set("Location", pathRollouts+"/"+ro.ID)
-	writeJSON(w, http.StatusCreated, ro)
-	return nil
-}
-
-func (s *Server) listRollouts(w http.ResponseWriter, r *http.Request) error {
-	list, err := s.opts.Rollouts.ListRollouts()
-	if err != nil {
-		return fmt.Errorf("list rollouts: %w", err)
-	}
-	writeJSON(w, http.StatusOK, nonNil(list))
-	return nil
-}
-
-func (s *Server) getRollout(w http.ResponseWriter, r *http.Request) error {
-	d, err := s.opts.Rollouts.GetRollout(r.PathValue("id"))
-	if err != nil {
-		return err
-	}
-	if d.Jobs == nil {
-		d.Jobs = []controller.Job{}
-	}
-	writeJSON(w, http.StatusOK, d)
-	return nil
-}
-
-func (s *Server) listDevices(w http.ResponseWriter, r *http.Request) error {
-	list, err := s.opts.Rollouts.ListDevices()
-	if err != nil {
-		return fmt.Errorf("list devices: %w", err)
-	}
-	writeJSON(w, http.StatusOK, nonNil(list))
-	return nil
-}
-
-func (s *Server) getDevice(w http.ResponseWriter, r *http.Request) error {
-	d, err := s.opts.Rollouts.GetDevice(r.PathValue("id"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, d)
 	return nil
 }
 

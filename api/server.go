@@ -40,10 +40,18 @@ import (
 type Rollouts interface {
 	CreateRollout(ctx context.Context, spec controller.RolloutSpec) (controller.Rollout, error)
 	ListRollouts() ([]controller.Rollout, error)
-	GetRollout(id string) (controller.RolloutDetail, error)
+	Rollout(id string) (controller.Rollout, error)
+	Jobs(id string, q controller.JobQuery) ([]controller.Job, error)
+	PauseRollout(id, reason string) (controller.Rollout, error)
+	ResumeRollout(id string) (controller.Rollout, error)
+	CancelRollout(id string) (controller.Rollout, error)
+	Events(id string, after uint64, limit int) (controller.EventLog, error)
 	ListDevices() ([]controller.Device, error)
 	GetDevice(id string) (controller.Device, error)
+	TagDevice(id string, tags map[string]string) (controller.Device, error)
 }
+
+var _ Rollouts = (*controller.Controller)(nil)
 
 // FirmwareStore is what the API needs of the artifact store.
 type FirmwareStore interface {

@@ -22,6 +22,11 @@ func (c *Controller) serveChunk(device string, req protocol.ChunkRequest) {
 		c.chunkError(device, t.id, req.Offset, protocol.ErrCodeRange)
 		return
 	}
+	if t.paused != nil && t.paused.Load() {
+		// The rollout's window closed with window end "pause": the device asks again later.
+		c.chunkError(device, t.id, req.Offset, protocol.ErrCodeBusy)
+		return
+	}
 	n := int(min(int64(req.Length), t.size-req.Offset))
 	// A new buffer per frame: the broker queues the payload without copying it.
 	frame := make([]byte, protocol.FrameHeaderSize+n)

@@ -1,19 +1,23 @@
-// Package controller decides which device installs what and when: it keeps the device registry,
-// the rollouts and each device's job in the bbolt state file, answers device status and events,
-// and serves firmware chunks to devices. It talks to devices only through a Publisher and reads
-// firmware only through a Firmware source, both declared here, so the broker and the artifact
-// store can be replaced without touching it.
+// Package controller decides which device installs what and when. It keeps the device
+// registry, the rollouts and each device's job in the bbolt state file, answers device status
+// and events, serves firmware chunks, and schedules rollouts: waves with success gates and
+// soak times, cron maintenance windows, concurrency limits with offer jitter, per-phase
+// timeouts with retries, an abort rule, and manual pause, resume and cancel.
+//
+// Every transition is decided in memory, written to the state file by a group-committing
+// writer, and acted on (an offer published, a transfer served) only once it is stored, so a
+// crash at any moment loses no device and counts none twice. It talks to devices only through
+// a Publisher and reads firmware only through a Firmware source, both declared here.
 package controller
 
 import (
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,11 +33,19 @@ type Options struct {
 	Firmware  Firmware
 	Deltas    Deltas // optional: without it every device gets the full image
 	Logger    *slog.Logger
-	Now       func() time.Time // clock; default time.Now
-	ChunkSize int              // largest chunk a device may ask for; default protocol.DefaultChunkSize
-	Window    int              // outstanding requests per device; default protocol.DefaultWindow
+	Clock     Clock // default SystemClock
+	// TickInterval is how often the scheduler looks at windows, waves, timeouts and retries;
+	// default 1s. Negative: no background ticks, the caller drives Tick (tests).
+	TickInterval time.Duration
+	ChunkSize    int // largest chunk a device may ask for; default protocol.DefaultChunkSize
+	Window       int // outstanding requests per device; default protocol.DefaultWindow
 	// OfferWorkers publish offers, so a device that stopped reading delays only its own offer.
 	OfferWorkers int // default 4
+	// EventLogSize is how many entries each rollout's event log keeps; default 10000.
+	EventLogSize int
+	// RetryBackoff is the wait before the second offer of a job that timed out; it doubles
+	// with each attempt up to RetryBackoffMax, and half of it is random. Defaults 1m and 1h.
+	RetryBackoff, RetryBackoffMax time.Duration
 }
 
 func (o *Options) fill() error {
@@ -44,8 +56,11 @@ func (o *Options) fill() error {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	o.Logger = o.Logger.With("component", "controller")
-	if o.Now == nil {
-		o.Now = time.Now
+	if o.Clock == nil {
+		o.Clock = SystemClock{}
+	}
+	if o.TickInterval == 0 {
+		o.TickInterval = time.Second
 	}
 	if o.ChunkSize == 0 {
 		o.ChunkSize = protocol.DefaultChunkSize
@@ -59,41 +74,68 @@ func (o *Options) fill() error {
 	if o.OfferWorkers <= 0 {
 		o.OfferWorkers = 4
 	}
+	if o.EventLogSize <= 0 {
+		o.EventLogSize = 10000
+	}
+	if o.RetryBackoff <= 0 {
+		o.RetryBackoff = time.Minute
+	}
+	if o.RetryBackoffMax < o.RetryBackoff {
+		o.RetryBackoffMax = max(time.Hour, o.RetryBackoff)
+	}
 	return nil
 }
 
 // Controller runs rollouts. Create it with New, then Start it.
 type Controller struct {
-	opts Options
-	db   *bolt.DB
-	log  *slog.Logger
+	opts  Options
+	db    *bolt.DB
+	log   *slog.Logger
+	clock Clock
+	// started is when this controller started: deadlines of jobs offered before a restart
+	// count from here, since devices could not reach a server that was down.
+	started time.Time
 
-	// mu serialises state transitions: read, decide, write to bbolt, then act.
-	mu sync.Mutex
-	// open holds the rollout that currently targets each model, as stored.
-	open map[string]rolloutRecord
-	// certModel is the model a device's certificate names, when it names one.
-	certModel sync.Map // device id -> string
-
-	transfers sync.Map // device id -> *transfer, read on every chunk request
-
+	// mu guards the index and orders decisions: decide in memory, enqueue the writes, and
+	// act once they are committed.
+	mu       sync.Mutex
+	devs     map[string]*devState
+	devList  []*devState               // the same devices: scans of a slice are several times faster than of a map
+	open     map[string]*rollout       // model -> its open rollout
+	rollouts map[string]*rolloutRecord // every rollout; open ones are updated in open
+	strs     map[string]string
+	nextSeq  uint64
 	// waiting holds the devices whose offer waits for a patch, by base+target sha.
 	waiting map[string]map[string]bool
+	closed  bool
+	broken  error     // set while memory is ahead of a failed commit; see reloadAfterFailure
+	last    *writeReq // the latest write queued, for sync
 
+	// certModel is the model a device's certificate names, when it names one.
+	certModel sync.Map // device id -> string
+	transfers sync.Map // device id -> *transfer, read on every chunk request
+
+	writes chan *writeReq
 	offers chan offerMsg
+	stop   chan struct{}
 	wg     sync.WaitGroup
-	closed atomic.Bool
+
+	brokenMu  sync.Mutex
+	brokenErr error
 
 	stats Stats
 }
 
-// Stats counts what the controller dropped or served.
+// Stats counts what the controller dropped, stored or served.
 type Stats struct {
 	BadMessages  atomic.Uint64 // undecodable or invalid device messages
 	StaleEvents  atomic.Uint64 // duplicate or late events ignored
 	ChunksServed atomic.Uint64
 	BytesServed  atomic.Uint64
 	ChunkErrors  atomic.Uint64 // error frames sent
+	Commits      atomic.Uint64 // state file transactions
+	Writes       atomic.Uint64 // transition writes in them
+	FailedWrites atomic.Uint64 // transitions lost to a failed commit
 }
 
 // transfer is what a device may currently download.
@@ -103,6 +145,7 @@ type transfer struct {
 	sha      string
 	size     int64
 	chunkMax int
+	paused   *atomic.Bool
 }
 
 type offerMsg struct {
@@ -110,67 +153,76 @@ type offerMsg struct {
 	payload []byte
 }
 
-// New opens the controller's buckets in opts.DB.
+// New loads the controller's state from opts.DB.
 func New(opts Options) (*Controller, error) {
 	if err := opts.fill(); err != nil {
 		return nil, err
 	}
 	c := &Controller{
-		opts: opts, db: opts.DB, log: opts.Logger,
-		open:    make(map[string]rolloutRecord),
-		waiting: make(map[string]map[string]bool),
-		offers:  make(chan offerMsg, 1024),
+		opts: opts, db: opts.DB, log: opts.Logger, clock: opts.Clock,
+		writes: make(chan *writeReq, 4096),
+		offers: make(chan offerMsg, 1024),
+		stop:   make(chan struct{}),
 	}
+	c.reset()
 	if err := c.db.Update(createBuckets); err != nil {
 		return nil, fmt.Errorf("controller: %w", err)
 	}
 	if err := c.load(); err != nil {
 		return nil, fmt.Errorf("controller: load state: %w", err)
 	}
+	c.started = c.clock.Now()
+	c.restore(c.started)
 	return c, nil
 }
 
-// load rebuilds the in-memory indexes from the state file: open rollouts per model and the
-// transfers of jobs in progress, so a restarted server serves chunks of jobs offered before.
-func (c *Controller) load() error {
-	return c.db.View(func(tx *bolt.Tx) error {
-		err := tx.Bucket(bucketRollouts).ForEach(func(k, v []byte) error {
-			var r rolloutRecord
-			if err := json.Unmarshal(v, &r); err != nil {
-				return fmt.Errorf("decode rollout %q: %w", k, err)
-			}
-			if r.State == RolloutActive || r.State == RolloutCompleted {
-				c.open[r.Model] = r
-			}
-			return nil
-		})
-		if err != nil {
-			return err
+// restore sets what the index does not store: window states and offer queues.
+func (c *Controller) restore(now time.Time) {
+	for _, r := range c.open {
+		if r.win != nil {
+			r.winOpen, _ = c.windowSession(r, now)
+			r.winSince = now
+			r.paused.Store(r.rec.Spec.WindowEnd == WindowEndPause && !r.winOpen)
 		}
-		for _, r := range c.open {
-			err := eachJob(tx, r.ID, func(j Job) error {
-				if !Terminal(j.State) && j.State != JobPending {
-					c.setTransfer(j)
-				}
-				return nil
-			})
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+		c.rebuildQueue(r)
+	}
 }
 
-// Start starts the offer workers. It does not block.
+func (c *Controller) addDevice(ds *devState) {
+	c.devs[ds.d.ID] = ds
+	c.devList = append(c.devList, ds)
+}
+
+func (c *Controller) reset() {
+	c.devs = make(map[string]*devState)
+	c.devList = nil
+	c.open = make(map[string]*rollout)
+	c.rollouts = make(map[string]*rolloutRecord)
+	c.strs = make(map[string]string)
+	c.waiting = make(map[string]map[string]bool)
+	c.transfers.Range(func(k, _ any) bool { c.transfers.Delete(k); return true })
+}
+
+// Start starts the writer, the offer workers and the scheduler. It does not block.
 func (c *Controller) Start() error {
+	c.wg.Add(1)
+	go c.writer()
 	for range c.opts.OfferWorkers {
+		c.wg.Add(1)
+		go c.offerWorker()
+	}
+	if c.opts.TickInterval > 0 {
 		c.wg.Add(1)
 		go func() {
 			defer c.wg.Done()
-			for m := range c.offers {
-				if err := c.opts.Publisher.Publish(protocol.Topic(m.device, protocol.SuffixJob), m.payload, 1); err != nil {
-					c.log.Warn("publish offer", "device", m.device, "err", err)
+			t := time.NewTicker(c.opts.TickInterval)
+			defer t.Stop()
+			for {
+				select {
+				case <-c.stop:
+					return
+				case <-t.C:
+					c.Tick()
 				}
 			}
 		}()
@@ -178,17 +230,49 @@ func (c *Controller) Start() error {
 	return nil
 }
 
-// Close stops the offer workers after the offers already queued are published, or when ctx
-// ends.
+// offerWorker publishes offers until Close, then publishes what is still queued.
+func (c *Controller) offerWorker() {
+	defer c.wg.Done()
+	publish := func(m offerMsg) {
+		if err := c.opts.Publisher.Publish(protocol.Topic(m.device, protocol.SuffixJob), m.payload, 1); err != nil {
+			c.log.Warn("publish offer", "device", m.device, "err", err)
+		}
+	}
+	for {
+		select {
+		case m := <-c.offers:
+			publish(m)
+		case <-c.stop:
+			for {
+				select {
+				case m := <-c.offers:
+					publish(m)
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+// Close stops the scheduler, commits the writes already queued, publishes the offers already
+// queued, and returns; or returns when ctx ends. Offers decided later are dropped: devices
+// get them again when they next report to a controller.
 func (c *Controller) Close(ctx context.Context) error {
-	if c.closed.Swap(true) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
 		return nil
 	}
-	c.mu.Lock()
-	close(c.offers)
+	c.closed = true
+	close(c.stop)
+	close(c.writes)
 	c.mu.Unlock()
 	done := make(chan struct{})
-	go func() { c.wg.Wait(); close(done) }()
+	go func() {
+		c.wg.Wait()
+		close(done)
+	}()
 	select {
 	case <-done:
 		return nil
@@ -200,34 +284,141 @@ func (c *Controller) Close(ctx context.Context) error {
 // Stats returns the live counters.
 func (c *Controller) Stats() *Stats { return &c.stats }
 
-// DeviceConnected records that a device authenticated; model is from its certificate ("" when
-// the certificate names none). The device's status message follows.
+// commit enqueues p under mu; the caller unlocks, then waits and acts.
+type commit struct {
+	req    *writeReq
+	err    error
+	offers []offerMsg
+	xfers  []*transfer // transfers to serve once stored, by device
+	xdevs  []string
+}
+
+// finish waits for the commit, then acts: transfers become servable and offers go out.
+func (c *Controller) finish(cm *commit) error {
+	if cm.err != nil {
+		return cm.err
+	}
+	if err := cm.req.wait(); err != nil {
+		c.stats.FailedWrites.Add(1)
+		return err
+	}
+	for i, t := range cm.xfers {
+		c.transfers.Store(cm.xdevs[i], t)
+	}
+	for _, o := range cm.offers {
+		c.sendOffer(o)
+	}
+	return nil
+}
+
+// txn runs fn under mu with a fresh pending write set and offer list, queues the writes, and
+// after the commit acts on them.
+func (c *Controller) txn(fn func(p *pending, cm *commit) error) error {
+	var p pending
+	var cm commit
+	c.mu.Lock()
+	err := fn(&p, &cm)
+	if err == nil {
+		cm.req, cm.err = c.enqueue(&p)
+	} else if !p.empty() {
+		// fn failed after deciding something: keep what it decided, report the error.
+		cm.req, cm.err = c.enqueue(&p)
+	}
+	c.mu.Unlock()
+	if ferr := c.finish(&cm); ferr != nil {
+		return ferr
+	}
+	return err
+}
+
+func (c *Controller) sendOffer(o offerMsg) {
+	// The queue is never closed, so a late send cannot panic; after Close nobody reads it.
+	select {
+	case c.offers <- o:
+	default:
+		// The queue is full of offers to slow devices; this device gets the offer again
+		// when it next reports its status.
+		c.log.Warn("offer queue full, offer deferred", "device", o.device)
+	}
+}
+
+// reloadAfterFailure rebuilds memory from the state file after a failed commit. Every write queued
+// before it takes mu was decided on state that was never stored; the writer fails them while
+// brokenErr is set, and a barrier tells when the last one is through.
+func (c *Controller) reloadAfterFailure(cause error) {
+	defer c.wg.Done()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	c.broken = cause
+	barrier := newReq(nil)
+	c.writes <- barrier
+	<-barrier.fin
+	c.reset()
+	c.nextSeq = 0
+	if err := c.load(); err != nil {
+		c.log.Error("reload state after failed commit; refusing changes", "err", err)
+		return
+	}
+	c.restore(c.clock.Now())
+	c.broken = nil
+	c.brokenMu.Lock()
+	c.brokenErr = nil
+	c.brokenMu.Unlock()
+	c.log.Info("state reloaded after failed commit")
+}
+
+// DeviceConnected registers a device on its authenticated connection; model is from its
+// certificate ("" when the certificate names none, and the first status names it). The
+// device's status message follows.
 func (c *Controller) DeviceConnected(id, model string) {
+	if protocol.ValidDeviceID(id) != nil {
+		return
+	}
 	if model != "" {
 		c.certModel.Store(id, model)
+	}
+	now := c.clock.Now()
+	err := c.txn(func(p *pending, cm *commit) error {
+		ds := c.devs[id]
+		if ds == nil {
+			if model == "" {
+				return nil // registered by its first status
+			}
+			ds = &devState{d: Device{ID: id, Model: c.intern(model)}, pos: position(id), wave: -1}
+			c.addDevice(ds)
+		}
+		ds.d.Online, ds.d.LastSeen = true, now
+		p.add(putDeviceFn(ds.d))
+		return nil
+	})
+	if err != nil {
+		c.log.Error("register device", "device", id, "err", err)
 	}
 }
 
 // DeviceDisconnected marks a device offline.
 func (c *Controller) DeviceDisconnected(id string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	err := c.db.Update(func(tx *bolt.Tx) error {
-		d, ok, err := getDevice(tx, id)
-		if err != nil || !ok {
-			return err
+	now := c.clock.Now()
+	err := c.txn(func(p *pending, cm *commit) error {
+		ds := c.devs[id]
+		if ds == nil {
+			return nil
 		}
-		d.Online = false
-		d.LastSeen = c.opts.Now()
-		return putDevice(tx, d)
+		ds.d.Online, ds.d.LastSeen = false, now
+		p.add(putDeviceFn(ds.d))
+		return nil
 	})
 	if err != nil {
 		c.log.Error("mark device offline", "device", id, "err", err)
 	}
 }
 
-// HandleMessage dispatches a device's publish on an upstream topic. It never panics on what a
-// device sends: bad messages are counted and dropped.
+// HandleMessage dispatches a device's publish on an upstream topic. It returns once what the
+// message changed is stored. It never panics on what a device sends: bad messages are
+// counted and dropped.
 func (c *Controller) HandleMessage(device, suffix string, payload []byte) {
 	switch suffix {
 	case protocol.SuffixStatus:
@@ -261,150 +452,260 @@ func (c *Controller) HandleMessage(device, suffix string, payload []byte) {
 }
 
 func (c *Controller) bad(device, suffix string, err error) {
+	if errors.Is(err, ErrClosed) {
+		return // shutting down; the device reports again to the next controller
+	}
 	c.stats.BadMessages.Add(1)
 	c.log.Warn("device message refused", "device", device, "topic", suffix, "err", err)
 }
 
-// handleStatus registers the device, and offers it the open rollout of its model when it runs
-// an older version; a device that comes back on the target version has installed it.
+// change brackets a change to ds with its rollout's bookkeeping.
+func (c *Controller) change(ds *devState, fn func()) {
+	r := c.open[ds.d.Model]
+	if r != nil {
+		r.uncount(ds)
+	}
+	fn()
+	if r2 := c.open[ds.d.Model]; r2 != nil {
+		r2.count(ds)
+	}
+}
+
+// handleStatus registers the device and reconciles its job with the version it runs: a
+// device back on the target version has installed it, one that needs the update is offered
+// it when its wave, the window and the limits allow.
 func (c *Controller) handleStatus(id string, st protocol.Status) error {
+	if err := protocol.ValidDeviceID(id); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
 	if st.Model == "" {
 		return fmt.Errorf("%w: status without model", ErrInvalid)
 	}
-	if _, err := protocol.ParseVersion(st.Version); err != nil {
+	v, err := protocol.ParseVersion(st.Version)
+	if err != nil {
 		return fmt.Errorf("%w: status: %v", ErrInvalid, err)
+	}
+	if len(st.SHA256) > 128 || len(st.Model) > 64 {
+		return fmt.Errorf("%w: status fields too long", ErrInvalid)
 	}
 	if m, ok := c.certModel.Load(id); ok && m.(string) != st.Model {
 		return fmt.Errorf("%w: status says model %q, certificate says %q", ErrInvalid, st.Model, m)
 	}
-	now := c.opts.Now()
-
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	var offer *protocol.Offer
-	err := c.db.Update(func(tx *bolt.Tx) error {
-		d, _, err := getDevice(tx, id)
-		if err != nil {
-			return err
+	now := c.clock.Now()
+	return c.txn(func(p *pending, cm *commit) error {
+		ds := c.devs[id]
+		if ds == nil {
+			ds = &devState{d: Device{ID: id}, pos: position(id), wave: -1}
+			c.addDevice(ds)
 		}
-		d.ID, d.Model, d.Version, d.SHA256 = id, st.Model, st.Version, st.SHA256
-		d.Online, d.LastSeen = true, now
-		offer, err = c.reconcile(tx, &d, now)
-		if err != nil {
-			return err
+		if ds.d.Model != "" && ds.d.Model != st.Model && ds.hasJob() {
+			// A device whose model changed leaves its job in the old model's rollout.
+			c.endJob(p, ds, JobFailed, "device reports model "+st.Model, now)
 		}
-		return putDevice(tx, d)
+		c.change(ds, func() {
+			ds.d.Model = c.intern(st.Model)
+			ds.d.Version = c.intern(v.String())
+			ds.d.SHA256 = c.intern(st.SHA256)
+			ds.d.Online, ds.d.LastSeen = true, now
+		})
+		p.add(putDeviceFn(ds.d))
+		r := c.open[ds.d.Model]
+		if r == nil || ds.wave < 0 {
+			return nil
+		}
+		c.reconcile(r, ds, st, now, p, cm)
+		c.afterChange(r, now, p, cm)
+		return nil
 	})
-	if err != nil {
-		return err
-	}
-	if offer != nil {
-		c.sendOffer(id, *offer)
-	}
-	return nil
 }
 
-// reconcile brings a device's job in the open rollout of its model in line with the version
-// the device runs. It returns the offer to send, if any. Called with mu held inside tx.
-func (c *Controller) reconcile(tx *bolt.Tx, d *Device, now time.Time) (*protocol.Offer, error) {
-	r, ok := c.open[d.Model]
-	if !ok {
-		return nil, nil
+// reconcile brings a member's job in line with the status the device reports.
+func (c *Controller) reconcile(r *rollout, ds *devState, st protocol.Status, now time.Time, p *pending, cm *commit) {
+	if ds.done != "" {
+		return
 	}
-	order, err := protocol.CompareVersions(d.Version, r.Version)
-	if err != nil {
-		return nil, err
-	}
-	j, exists, err := getJob(tx, r.ID, d.ID)
-	if err != nil {
-		return nil, err
-	}
-	switch {
-	case exists && Terminal(j.State):
-		return nil, nil
-	case !exists && order >= 0:
-		return nil, nil // already there, or beyond: not part of this rollout
-	case !exists:
-		j = c.newJob(r, d, now)
-		if err := c.reopen(tx, &r, now); err != nil {
-			return nil, err
-		}
-	}
+	order, _ := protocol.CompareVersions(ds.d.Version, r.rec.Version)
+	j := ds.job
 	switch {
 	case order == 0:
-		c.finish(&j, JobInstalled, "", now)
-		d.Job = ""
-		if err := putJob(tx, j); err != nil {
-			return nil, err
+		if j == nil {
+			c.newJob(r, ds, now)
 		}
-		return nil, c.maybeComplete(tx, r.ID, now)
+		c.endJob(p, ds, JobInstalled, "", now)
+		return
 	case order > 0:
-		c.finish(&j, JobFailed, "device runs newer version "+d.Version, now)
-		d.Job = ""
-		if err := putJob(tx, j); err != nil {
-			return nil, err
+		if j == nil {
+			return
 		}
-		return nil, c.maybeComplete(tx, r.ID, now)
+		c.endJob(p, ds, JobFailed, "device runs newer version "+ds.d.Version, now)
+		return
 	}
-	if j.State == JobInstalling {
+	if j == nil {
+		if r.rec.State == RolloutCompleted {
+			c.setRolloutState(p, r, RolloutActive, "device "+ds.d.ID+" joined", now)
+		}
+		c.enqueueDevice(r, ds)
+		return
+	}
+	switch j.State {
+	case JobInstalling:
+		if st.Job == j.ID && st.State == protocol.StateInstalling {
+			return // reconnected while installing; the reboot is still to come
+		}
 		// The device rebooted on its old version: the install did not take.
-		c.finish(&j, JobFailed, protocol.ReasonInstall+": device came back on "+d.Version, now)
-		d.Job = ""
-		if err := putJob(tx, j); err != nil {
-			return nil, err
+		c.endJob(p, ds, JobFailed, protocol.ReasonInstall+": device came back on "+ds.d.Version, now)
+	case JobOffered, JobDownloading, JobVerifying:
+		// The device reconnected: offer the same job again, so it resumes the same transfer.
+		if o := c.offerMsg(r, ds); o != nil {
+			cm.offers = append(cm.offers, *o)
 		}
-		return nil, c.maybeComplete(tx, r.ID, now)
+	case JobPending:
+		c.enqueueDevice(r, ds)
+	case JobTimedOut:
+		if !j.RetryAt.After(now) && c.accepting(r, now) && r.inflight < r.rec.Spec.MaxConcurrent {
+			c.offer(r, ds, now, p, cm)
+		}
 	}
-	m, err := c.opts.Firmware.Manifest(r.Model, r.Version)
+}
+
+// enqueueDevice puts an eligible device in the offer queue.
+func (c *Controller) enqueueDevice(r *rollout, ds *devState) {
+	if ds.queued || ds.reserved || !c.eligible(r, ds) {
+		return
+	}
+	ds.queued = true
+	r.queue = append(r.queue, ds)
+}
+
+// eligible reports whether ds may be offered a new job once there is a slot.
+func (c *Controller) eligible(r *rollout, ds *devState) bool {
+	return ds.d.Online && ds.wave >= 0 && ds.wave < r.rec.WavesStarted && ds.done == "" &&
+		(ds.job == nil || ds.job.State == JobPending) && !ds.reserved
+}
+
+// newJob creates the job of ds in r, pending.
+func (c *Controller) newJob(r *rollout, ds *devState, now time.Time) {
+	c.change(ds, func() {
+		ds.job = &Job{
+			Rollout: r.rec.ID, Device: ds.d.ID, Wave: r.waveOf(ds.pos), From: ds.d.Version, To: r.rec.Version,
+			State: JobPending, Created: now, Updated: now,
+		}
+	})
+}
+
+// offer starts a new attempt of ds's job: a fresh job id and transfer, then the offer once a
+// patch (if any) is ready. It returns false when it could not.
+func (c *Controller) offer(r *rollout, ds *devState, now time.Time, p *pending, cm *commit) bool {
+	m, err := c.manifest(r)
 	if err != nil {
-		return nil, fmt.Errorf("manifest for rollout %s: %w", r.ID, err)
+		c.log.Error("offer", "rollout", r.rec.ID, "err", err)
+		return false
 	}
-	offered, ok := c.chooseArtifact(d, &j, m)
+	if ds.job == nil {
+		c.newJob(r, ds, now)
+	}
+	prevState := ds.job.State
+	c.change(ds, func() {
+		j := ds.job
+		j.Attempt++
+		j.Offers++
+		j.ID = jobID(r.rec.ID, j.Offers)
+		j.Transfer = rand.Uint32()
+		j.From = ds.d.Version
+		j.Seq, j.Bytes, j.Reason, j.RetryAt = 0, 0, "", time.Time{}
+		j.Delta, j.Artifact, j.Size = false, "", 0
+		j.State, j.Offered, j.Updated = JobPending, time.Time{}, now
+		ds.reserved = false
+	})
+	ds.d.Job = ds.job.ID
+	p.add(putDeviceFn(ds.d))
+	offered, ok := c.chooseArtifact(ds, ds.job, m)
 	if !ok {
-		// The patch for this device is being made; it is offered when ready.
-		j.Updated = now
-		d.Job = j.ID
-		return nil, putJob(tx, j)
+		// The patch for this device is being made; it is offered when ready, and holds its
+		// slot meanwhile.
+		c.change(ds, func() { ds.reserved = true })
+		p.add(putJobFn(*ds.job))
+		return true
 	}
-	if j.State == JobPending {
-		j.State = JobOffered
+	c.change(ds, func() {
+		ds.job.State, ds.job.Offered = JobOffered, now
+	})
+	p.add(putJobFn(*ds.job))
+	c.logEvent(p, r, Event{Time: now, Device: ds.d.ID, Job: ds.job.ID, From: prevState, To: JobOffered}, now)
+	t := c.newTransfer(r, ds.job)
+	cm.xfers, cm.xdevs = append(cm.xfers, t), append(cm.xdevs, ds.d.ID)
+	cm.offers = append(cm.offers, c.encodeOffer(ds.d.ID, ds.job, offered))
+	return true
+}
+
+// offerMsg encodes the offer of ds's current job again (a device that reconnected).
+func (c *Controller) offerMsg(r *rollout, ds *devState) *offerMsg {
+	j := ds.job
+	m, err := c.manifest(r)
+	if err != nil {
+		c.log.Error("offer", "rollout", r.rec.ID, "err", err)
+		return nil
 	}
-	j.Updated = now
-	d.Job = j.ID
-	if err := putJob(tx, j); err != nil {
-		return nil, err
+	offered := m
+	if j.Delta && c.opts.Deltas != nil {
+		dm, ready, err := c.opts.Deltas.Delta(ds.d.SHA256, m)
+		if err != nil || !ready || dm.Delta == nil || dm.Delta.PatchSHA256 != j.Artifact {
+			return nil // the job's patch is gone; the phase timeout retries it
+		}
+		offered = dm
 	}
-	c.setTransfer(j)
-	return &protocol.Offer{
-		V: protocol.ProtocolVersion, Job: j.ID, Transfer: j.Transfer, Manifest: offered,
+	o := c.encodeOffer(ds.d.ID, j, offered)
+	return &o
+}
+
+func (c *Controller) encodeOffer(device string, j *Job, m protocol.Manifest) offerMsg {
+	payload, err := json.Marshal(protocol.Offer{
+		V: protocol.ProtocolVersion, Job: j.ID, Transfer: j.Transfer, Manifest: m,
 		Size: j.Size, ChunkSize: c.opts.ChunkSize, Window: c.opts.Window,
-	}, nil
+	})
+	if err != nil {
+		c.log.Error("encode offer", "device", device, "err", err)
+	}
+	return offerMsg{device, payload}
+}
+
+func (c *Controller) manifest(r *rollout) (protocol.Manifest, error) {
+	if r.manifest != nil {
+		return *r.manifest, nil
+	}
+	m, err := c.opts.Firmware.Manifest(r.rec.Model, r.rec.Version)
+	if err != nil {
+		return protocol.Manifest{}, fmt.Errorf("manifest for rollout %s: %w", r.rec.ID, err)
+	}
+	r.manifest = &m
+	return m, nil
 }
 
 // chooseArtifact decides what a job streams: a verified patch from the image the device runs
 // when one is ready and small enough, else the full image. It returns ok false while a patch
-// is being made. A job keeps its choice once offered, so a device that reconnects resumes the
-// same transfer.
-func (c *Controller) chooseArtifact(d *Device, j *Job, full protocol.Manifest) (protocol.Manifest, bool) {
+// is being made.
+func (c *Controller) chooseArtifact(ds *devState, j *Job, full protocol.Manifest) (protocol.Manifest, bool) {
 	useFull := func() (protocol.Manifest, bool) {
 		j.Delta, j.Artifact, j.Size = false, full.SHA256, full.Size
 		return full, true
 	}
-	if j.Artifact == full.SHA256 || c.opts.Deltas == nil || d.SHA256 == "" {
+	if c.opts.Deltas == nil || ds.d.SHA256 == "" {
 		return useFull()
 	}
-	m, ready, err := c.opts.Deltas.Delta(d.SHA256, full)
+	m, ready, err := c.opts.Deltas.Delta(ds.d.SHA256, full)
 	switch {
 	case err != nil:
-		c.log.Debug("full image", "device", d.ID, "reason", err)
+		c.log.Debug("full image", "device", ds.d.ID, "reason", err)
 		return useFull()
 	case !ready:
-		key := d.SHA256 + ":" + full.SHA256
+		key := ds.d.SHA256 + ":" + full.SHA256
 		if c.waiting[key] == nil {
 			c.waiting[key] = make(map[string]bool)
 		}
-		c.waiting[key][d.ID] = true
+		c.waiting[key][ds.d.ID] = true
 		return protocol.Manifest{}, false
+	case m.Delta == nil:
+		return useFull()
 	}
 	j.Delta, j.Artifact, j.Size = true, m.Delta.PatchSHA256, m.Delta.PatchSize
 	return m, true
@@ -413,99 +714,119 @@ func (c *Controller) chooseArtifact(d *Device, j *Job, full protocol.Manifest) (
 // DeltaReady is called when the verdict on the patch from base to target is in: the devices
 // waiting for it are offered the patch, or the full image.
 func (c *Controller) DeltaReady(base, target string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	key := base + ":" + target
-	devices := c.waiting[key]
-	delete(c.waiting, key)
-	for id := range devices {
-		var offer *protocol.Offer
-		err := c.db.Update(func(tx *bolt.Tx) error {
-			d, ok, err := getDevice(tx, id)
-			if err != nil || !ok || !d.Online {
+	now := c.clock.Now()
+	err := c.txn(func(p *pending, cm *commit) error {
+		key := base + ":" + target
+		devices := c.waiting[key]
+		delete(c.waiting, key)
+		for id := range devices {
+			ds := c.devs[id]
+			if ds == nil || ds.job == nil || ds.job.State != JobPending || !ds.reserved {
+				continue
+			}
+			r := c.open[ds.d.Model]
+			if r == nil {
+				continue
+			}
+			m, err := c.manifest(r)
+			if err != nil {
 				return err
 			}
-			if offer, err = c.reconcile(tx, &d, c.opts.Now()); err != nil {
-				return err
+			offered, ok := c.chooseArtifact(ds, ds.job, m)
+			if !ok {
+				continue
 			}
-			return putDevice(tx, d)
-		})
-		if err != nil {
-			c.log.Error("offer after delta", "device", id, "err", err)
-			continue
-		}
-		if offer != nil {
-			c.sendOffer(id, *offer)
-		}
-	}
-}
-
-func (c *Controller) newJob(r rolloutRecord, d *Device, now time.Time) Job {
-	return Job{
-		ID: jobID(r.ID, 1), Rollout: r.ID, Device: d.ID, From: d.Version, To: r.Version,
-		State: JobPending, Transfer: rand.Uint32(), Created: now, Updated: now,
-	}
-}
-
-// reopen marks a completed rollout active again when a late device joins it.
-func (c *Controller) reopen(tx *bolt.Tx, r *rolloutRecord, now time.Time) error {
-	if r.State == RolloutActive {
-		return nil
-	}
-	r.State, r.Updated = RolloutActive, now
-	c.open[r.Model] = *r
-	return putRollout(tx, *r)
-}
-
-func (c *Controller) finish(j *Job, state, reason string, now time.Time) {
-	j.State, j.Reason, j.Finished, j.Updated = state, reason, now, now
-	c.transfers.Delete(j.Device)
-}
-
-// maybeComplete marks a rollout completed once none of its jobs is left unfinished.
-func (c *Controller) maybeComplete(tx *bolt.Tx, rollout string, now time.Time) error {
-	r, ok, err := getRollout(tx, rollout)
-	if err != nil || !ok || r.State != RolloutActive {
-		return err
-	}
-	unfinished := false
-	err = eachJob(tx, rollout, func(j Job) error {
-		if !Terminal(j.State) {
-			unfinished = true
+			if !ds.d.Online {
+				c.change(ds, func() { ds.reserved = false })
+				p.add(putJobFn(*ds.job))
+				continue
+			}
+			c.change(ds, func() {
+				ds.reserved = false
+				ds.job.State, ds.job.Offered, ds.job.Updated = JobOffered, now, now
+			})
+			p.add(putJobFn(*ds.job))
+			c.logEvent(p, r, Event{Time: now, Device: id, Job: ds.job.ID, From: JobPending, To: JobOffered}, now)
+			t := c.newTransfer(r, ds.job)
+			cm.xfers, cm.xdevs = append(cm.xfers, t), append(cm.xdevs, id)
+			cm.offers = append(cm.offers, c.encodeOffer(id, ds.job, offered))
 		}
 		return nil
 	})
-	if err != nil || unfinished {
-		return err
-	}
-	r.State, r.Updated = RolloutCompleted, now
-	c.open[r.Model] = r
-	return putRollout(tx, r)
-}
-
-func (c *Controller) setTransfer(j Job) {
-	c.transfers.Store(j.Device, &transfer{
-		job: j.ID, id: j.Transfer, sha: j.Artifact, size: j.Size, chunkMax: c.opts.ChunkSize,
-	})
-}
-
-func (c *Controller) sendOffer(device string, o protocol.Offer) {
-	payload, err := json.Marshal(o)
 	if err != nil {
-		c.log.Error("encode offer", "device", device, "err", err)
+		c.log.Error("offer after delta", "err", err)
+	}
+}
+
+func (c *Controller) newTransfer(r *rollout, j *Job) *transfer {
+	return &transfer{job: j.ID, id: j.Transfer, sha: j.Artifact, size: j.Size, chunkMax: c.opts.ChunkSize, paused: &r.paused}
+}
+
+func (c *Controller) setTransfer(r *rollout, j *Job) {
+	c.transfers.Store(j.Device, c.newTransfer(r, j))
+}
+
+// endJob finishes ds's job in state (installed, failed or canceled).
+func (c *Controller) endJob(p *pending, ds *devState, state, reason string, now time.Time) {
+	r := c.open[ds.d.Model]
+	j := ds.job
+	if j == nil || r == nil {
 		return
 	}
-	if c.closed.Load() {
+	from := j.State
+	c.change(ds, func() {
+		j.State, j.Reason, j.Finished, j.Updated, j.RetryAt = state, reason, now, now, time.Time{}
+		ds.job, ds.done, ds.reserved = nil, state, false
+		if state == JobInstalled {
+			ds.d.Version = c.intern(j.To)
+		}
+	})
+	c.transfers.Delete(ds.d.ID)
+	ds.d.Job = ""
+	p.add(putJobFn(*j))
+	p.add(putDeviceFn(ds.d))
+	c.logEvent(p, r, Event{Time: now, Device: ds.d.ID, Job: j.ID, From: from, To: state, Reason: reason}, now)
+	if state != JobCanceled {
+		// Installs count too: the rule waits for enough finished devices.
+		c.checkAbort(p, r, j.Wave, now)
+	}
+}
+
+// retryOrFail ends an attempt that went nowhere (a timeout, a transfer that broke off): the
+// job is offered again after a backoff, unless it used up its attempts.
+func (c *Controller) retryOrFail(p *pending, r *rollout, ds *devState, reason string, now time.Time) {
+	j := ds.job
+	if j.Attempt >= r.rec.Spec.MaxAttempts {
+		c.endJob(p, ds, JobFailed, fmt.Sprintf("%s (attempt %d of %d)", reason, j.Attempt, r.rec.Spec.MaxAttempts), now)
 		return
 	}
-	// Called with mu held; Close takes mu before closing the channel.
-	select {
-	case c.offers <- offerMsg{device, payload}:
-	default:
-		// The queue is full of offers to slow devices; this device gets the offer again
-		// when it next reports its status.
-		c.log.Warn("offer queue full, offer deferred", "device", device)
+	from := j.State
+	wait := c.backoff(j.Attempt)
+	c.change(ds, func() {
+		j.History = appendHistory(j.History, reason)
+		j.State, j.Reason, j.Updated, j.RetryAt = JobTimedOut, reason, now, now.Add(wait)
+	})
+	// The transfer stays servable: a device that was only slow may still finish, and its
+	// events bring the job back until the next offer replaces it.
+	p.add(putJobFn(*j))
+	c.logEvent(p, r, Event{Time: now, Device: ds.d.ID, Job: j.ID, From: from, To: JobTimedOut, Reason: reason}, now)
+}
+
+// backoff returns the wait before the next offer after attempt n (from 1): exponential, half
+// of it random ("equal jitter"), so devices that failed together do not return together.
+func (c *Controller) backoff(n int) time.Duration {
+	d := c.opts.RetryBackoff
+	for i := 1; i < n && d < c.opts.RetryBackoffMax; i++ {
+		d *= 2
 	}
+	d = min(d, c.opts.RetryBackoffMax)
+	return d/2 + rand.N(d/2+1)
+}
+
+// transferReason reports whether a device's failure reason says the transfer broke off, which
+// is worth another attempt; every other reason is a verdict on the image and final.
+func transferReason(reason string) bool {
+	return reason == protocol.ReasonTransfer || strings.HasPrefix(reason, protocol.ReasonTransfer+":")
 }
 
 // handleEvent applies a device's report about its job. Duplicates and events about other jobs
@@ -517,281 +838,109 @@ func (c *Controller) handleEvent(id string, ev protocol.Event) error {
 	default:
 		return fmt.Errorf("%w: event state %q", ErrInvalid, ev.State)
 	}
-	now := c.opts.Now()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.db.Update(func(tx *bolt.Tx) error {
-		d, ok, err := getDevice(tx, id)
-		if err != nil {
-			return err
-		}
-		if !ok || d.Job == "" || d.Job != ev.Job {
+	if len(ev.Reason) > 1024 {
+		ev.Reason = strings.ToValidUTF8(ev.Reason[:1024], "")
+	}
+	now := c.clock.Now()
+	return c.txn(func(p *pending, cm *commit) error {
+		ds := c.devs[id]
+		if ds == nil || ds.job == nil || ds.job.ID != ev.Job || ev.Seq <= ds.job.Seq {
 			c.stats.StaleEvents.Add(1)
 			return nil
 		}
-		r, ok := c.open[d.Model]
-		if !ok {
+		r := c.open[ds.d.Model]
+		if r == nil {
 			c.stats.StaleEvents.Add(1)
 			return nil
 		}
-		j, ok, err := getJob(tx, r.ID, id)
-		if err != nil {
-			return err
-		}
-		if !ok || j.ID != ev.Job || Terminal(j.State) || ev.Seq <= j.Seq {
-			c.stats.StaleEvents.Add(1)
-			return nil
-		}
-		j.Seq, j.Updated = ev.Seq, now
-		if ev.Bytes > j.Bytes {
-			j.Bytes = min(ev.Bytes, j.Size)
-		}
+		j := ds.job
+		from := j.State
 		switch ev.State {
-		case protocol.StateDownloading:
-			if j.Started.IsZero() {
-				j.Started = now
+		case protocol.StateDownloading, protocol.StateVerifying, protocol.StateInstalling:
+			c.change(ds, func() {
+				j.Seq, j.Updated, j.State, j.RetryAt = ev.Seq, now, ev.State, time.Time{}
+				if ev.Bytes > j.Bytes {
+					j.Bytes = min(ev.Bytes, j.Size)
+				}
+				if j.Started.IsZero() {
+					j.Started = now
+				}
+			})
+			p.add(putJobFn(*j))
+			if j.State == from {
+				return nil // progress
 			}
-			j.State = JobDownloading
-		case protocol.StateVerifying, protocol.StateInstalling:
-			j.State = ev.State
+			c.logEvent(p, r, Event{Time: now, Device: id, Job: j.ID, From: from, To: j.State}, now)
 		case protocol.StateFailed:
-			c.finish(&j, JobFailed, cmp.Or(ev.Reason, "unspecified"), now)
+			j.Seq = ev.Seq
+			reason := ev.Reason
+			if reason == "" {
+				reason = "unspecified"
+			}
+			switch {
+			case transferReason(reason) && r.paused.Load():
+				// The window closed on the transfer (window end "pause"): not the device's
+				// fault, so no attempt is used; it is offered again in the next window.
+				c.change(ds, func() {
+					j.History = appendHistory(j.History, reason)
+					j.Attempt--
+					j.State, j.Reason, j.Updated = JobPending, reason, now
+				})
+				c.transfers.Delete(id)
+				p.add(putJobFn(*j))
+				c.logEvent(p, r, Event{Time: now, Device: id, Job: j.ID, From: from, To: JobPending, Reason: reason}, now)
+				c.enqueueDevice(r, ds)
+			case transferReason(reason) && r.rec.State != RolloutCanceling:
+				c.retryOrFail(p, r, ds, reason, now)
+			default:
+				c.endJob(p, ds, JobFailed, reason, now)
+			}
 		case protocol.StateInstalled:
+			j.Seq = ev.Seq
 			if ev.Version != j.To {
-				c.finish(&j, JobFailed, fmt.Sprintf("%s: device reports %q installed, want %q", protocol.ReasonInstall, ev.Version, j.To), now)
+				c.endJob(p, ds, JobFailed, fmt.Sprintf("%s: device reports %q installed, want %q", protocol.ReasonInstall, ev.Version, j.To), now)
 			} else {
-				c.finish(&j, JobInstalled, "", now)
-				d.Version = ev.Version
+				c.endJob(p, ds, JobInstalled, "", now)
 			}
 		}
-		if Terminal(j.State) {
-			d.Job = ""
-			if err := putDevice(tx, d); err != nil {
-				return err
-			}
-		}
-		if err := putJob(tx, j); err != nil {
-			return err
-		}
-		if Terminal(j.State) {
-			return c.maybeComplete(tx, r.ID, now)
-		}
+		c.afterChange(r, now, p, cm)
 		return nil
 	})
 }
 
-// CreateRollout starts offering a firmware to every device of its model that runs an older
-// version. Devices online now are offered at once; the others when they next connect.
-func (c *Controller) CreateRollout(ctx context.Context, spec RolloutSpec) (Rollout, error) {
-	if err := ctx.Err(); err != nil {
-		return Rollout{}, err
-	}
-	v, err := protocol.ParseVersion(spec.Version)
-	if err != nil {
-		return Rollout{}, fmt.Errorf("%w: %v", ErrInvalid, err)
-	}
-	spec.Version = v.String()
-	m, err := c.opts.Firmware.Manifest(spec.Model, spec.Version)
-	if err != nil {
-		return Rollout{}, fmt.Errorf("firmware %s %s: %w", spec.Model, spec.Version, err)
-	}
-	now := c.opts.Now()
+// maxHistory bounds the reasons a job keeps of its earlier attempts.
+const maxHistory = 16
 
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	type pendingOffer struct {
-		device string
-		offer  protocol.Offer
+func appendHistory(h []string, reason string) []string {
+	if len(h) >= maxHistory {
+		h = append(h[:0:0], h[len(h)-maxHistory+1:]...)
 	}
-	var offers []pendingOffer
-	var out rolloutRecord
-	err = c.db.Update(func(tx *bolt.Tx) error {
-		if prev, ok := c.open[spec.Model]; ok {
-			if prev.State == RolloutActive {
-				return fmt.Errorf("%w: rollout %s of %s %s is still active", ErrConflict, prev.ID, prev.Model, prev.Version)
-			}
-			prev.State, prev.Updated = RolloutSuperseded, now
-			if err := putRollout(tx, prev); err != nil {
-				return err
-			}
-		}
-		b := tx.Bucket(bucketRollouts)
-		seq, err := b.NextSequence()
-		if err != nil {
-			return err
-		}
-		out = rolloutRecord{Seq: seq, Rollout: Rollout{
-			ID: rolloutID(seq), Model: spec.Model, Version: spec.Version, SHA256: m.SHA256,
-			Size: m.Size, State: RolloutActive, Created: now, Updated: now,
-		}}
-		if err := putRollout(tx, out); err != nil {
-			return err
-		}
-		c.open[spec.Model] = out
-		var devices []Device
-		err = tx.Bucket(bucketDevices).ForEach(func(k, v []byte) error {
-			var d Device
-			if err := json.Unmarshal(v, &d); err != nil {
-				return fmt.Errorf("decode device %q: %w", k, err)
-			}
-			if d.Model == spec.Model {
-				devices = append(devices, d)
-			}
-			return nil
-		})
-		if err != nil {
-			return err
-		}
-		for _, d := range devices {
-			if order, err := protocol.CompareVersions(d.Version, spec.Version); err != nil || order >= 0 {
-				continue
-			}
-			if !d.Online {
-				j := c.newJob(out, &d, now)
-				if err := putJob(tx, j); err != nil {
-					return err
-				}
-				if c.opts.Deltas != nil && d.SHA256 != "" {
-					// Start making its patch now, so it is ready when the device connects.
-					c.opts.Deltas.Delta(d.SHA256, m)
-				}
-				continue
-			}
-			o, err := c.reconcile(tx, &d, now)
-			if err != nil {
-				return err
-			}
-			if err := putDevice(tx, d); err != nil {
-				return err
-			}
-			if o != nil {
-				offers = append(offers, pendingOffer{d.ID, *o})
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		// The transaction rolled back; so must the index.
-		if reloadErr := c.reloadOpen(); reloadErr != nil {
-			c.log.Error("reload rollouts", "err", reloadErr)
-		}
-		return Rollout{}, err
-	}
-	for _, p := range offers {
-		c.sendOffer(p.device, p.offer)
-	}
-	c.log.Info("rollout created", "rollout", out.ID, "model", out.Model, "version", out.Version, "offered", len(offers))
-	return c.withCounts(out.Rollout)
+	return append(h, reason)
 }
 
-func (c *Controller) reloadOpen() error {
-	c.open = make(map[string]rolloutRecord)
-	return c.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketRollouts).ForEach(func(k, v []byte) error {
-			var r rolloutRecord
-			if err := json.Unmarshal(v, &r); err != nil {
-				return err
-			}
-			if r.State == RolloutActive || r.State == RolloutCompleted {
-				c.open[r.Model] = r
-			}
-			return nil
-		})
-	})
-}
-
-func (c *Controller) withCounts(r Rollout) (Rollout, error) {
-	err := c.db.View(func(tx *bolt.Tx) error {
-		var err error
-		r.Counts, err = counts(tx, r.ID)
-		return err
-	})
-	return r, err
-}
-
-// ListRollouts returns every rollout, newest first, with counts per job state.
-func (c *Controller) ListRollouts() ([]Rollout, error) {
-	var out []rolloutRecord
-	err := c.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketRollouts).ForEach(func(k, v []byte) error {
-			var r rolloutRecord
-			if err := json.Unmarshal(v, &r); err != nil {
-				return fmt.Errorf("decode rollout %q: %w", k, err)
-			}
-			r.Counts, _ = counts(tx, r.ID)
-			out = append(out, r)
-			return nil
-		})
-	})
-	if err != nil {
-		return nil, err
+// logEvent appends an entry to the rollout's event log.
+func (c *Controller) logEvent(p *pending, r *rollout, e Event, now time.Time) {
+	r.logSeq++
+	e.Seq = r.logSeq
+	if e.Time.IsZero() {
+		e.Time = now
 	}
-	slices.SortFunc(out, func(a, b rolloutRecord) int { return cmp.Compare(b.Seq, a.Seq) })
-	rs := make([]Rollout, len(out))
-	for i, r := range out {
-		rs[i] = r.Rollout
-	}
-	return rs, nil
+	id, keep := r.rec.ID, uint64(c.opts.EventLogSize)
+	p.add(func(tx *bolt.Tx) error { return appendEvent(tx, id, e, keep) })
 }
 
-// GetRollout returns a rollout and its jobs.
-func (c *Controller) GetRollout(id string) (RolloutDetail, error) {
-	var out RolloutDetail
-	err := c.db.View(func(tx *bolt.Tx) error {
-		r, ok, err := getRollout(tx, id)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return fmt.Errorf("rollout %q: %w", id, ErrNotFound)
-		}
-		out.Rollout = r.Rollout
-		out.Counts = make(map[string]int)
-		out.Jobs = []Job{}
-		return eachJob(tx, id, func(j Job) error {
-			out.Counts[j.State]++
-			out.Jobs = append(out.Jobs, j)
-			return nil
-		})
-	})
-	return out, err
+func putDeviceFn(d Device) txFn {
+	return func(tx *bolt.Tx) error { return putDevice(tx, d) }
 }
 
-// ListDevices returns every registered device, sorted by id.
-func (c *Controller) ListDevices() ([]Device, error) {
-	out := []Device{}
-	err := c.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketDevices).ForEach(func(k, v []byte) error {
-			var d Device
-			if err := json.Unmarshal(v, &d); err != nil {
-				return fmt.Errorf("decode device %q: %w", k, err)
-			}
-			out = append(out, d)
-			return nil
-		})
-	})
-	return out, err
+func putJobFn(j Job) txFn {
+	return func(tx *bolt.Tx) error { return putJob(tx, j) }
 }
 
-// GetDevice returns one registered device.
-func (c *Controller) GetDevice(id string) (Device, error) {
-	var d Device
-	err := c.db.View(func(tx *bolt.Tx) error {
-		var ok bool
-		var err error
-		d, ok, err = getDevice(tx, id)
-		if err == nil && !ok {
-			err = fmt.Errorf("device %q: %w", id, ErrNotFound)
-		}
-		return err
-	})
-	return d, err
-}
-
-// InUse reports whether an unfinished rollout needs the firmware (model, version).
-func (c *Controller) InUse(model, version string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	r, ok := c.open[model]
-	return ok && r.State == RolloutActive && r.Version == version
+func putRolloutFn(rec rolloutRecord) txFn {
+	rec.Bounds = append([]uint64(nil), rec.Bounds...)
+	rec.WaveStarted = append([]time.Time(nil), rec.WaveStarted...)
+	rec.WaveGateMet = append([]time.Time(nil), rec.WaveGateMet...)
+	rec.AbortBase = append([][2]int(nil), rec.AbortBase...)
+	return func(tx *bolt.Tx) error { return putRollout(tx, rec) }
 }

@@ -77,7 +77,37 @@ type harness struct {
 	pub    *recorder
 	c      *Controller
 	deltas *fakeDeltas
+	clock  *fakeClock
+	opts   []func(*Options)
 }
+
+// fakeClock is a Clock moved by hand.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (f *fakeClock) Now() time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.t
+}
+
+func (f *fakeClock) Set(t time.Time) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.t = t
+}
+
+func (f *fakeClock) Add(d time.Duration) time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.t = f.t.Add(d)
+	return f.t
+}
+
+// t0 is a Monday, 00:00 UTC.
+var t0 = time.Date(2025, 3, 3, 0, 0, 0, 0, time.UTC)
 
 func realImage(t *testing.T) []byte {
 	t.Helper()
@@ -88,23 +118,29 @@ func realImage(t *testing.T) []byte {
 	return b
 }
 
-func newHarness(t *testing.T) *harness {
+// newHarness runs a controller on a fresh state file, with a fake clock at t0 and no
+// background ticks: tests call Tick.
+func newHarness(t *testing.T, opts ...func(*Options)) *harness {
 	t.Helper()
 	db, err := bolt.Open(filepath.Join(t.TempDir(), "fota.db"), 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	h := &harness{t: t, db: db, fw: &fakeFirmware{model: "primehub", version: "7.28.0", image: realImage(t)}, pub: &recorder{}}
+	h := &harness{t: t, db: db, fw: &fakeFirmware{model: "primehub", version: "7.28.0", image: realImage(t)}, pub: &recorder{},
+		clock: &fakeClock{t: t0}, opts: opts}
 	h.start()
 	return h
 }
 
 func (h *harness) start() {
 	h.t.Helper()
-	opts := Options{DB: h.db, Publisher: h.pub, Firmware: h.fw}
+	opts := Options{DB: h.db, Publisher: h.pub, Firmware: h.fw, Clock: h.clock, TickInterval: -1}
 	if h.deltas != nil {
 		opts.Deltas = h.deltas
+	}
+	for _, f := range h.opts {
+		f(&opts)
 	}
 	c, err := New(opts)
 	if err != nil {
@@ -272,10 +308,17 @@ func TestBadDeviceMessagesLeaveStateIntact(t *testing.T) {
 
 func TestCertificateModelWins(t *testing.T) {
 	h := newHarness(t)
-	h.c.DeviceConnected("d1", "esp8266")
-	h.status("d1", "7.27.0") // claims primehub
-	if _, err := h.c.GetDevice("d1"); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("got %v, want the status refused (ErrNotFound)", err)
+	h.c.DeviceConnected("d1", "esp8266") // registers the device with its certificate's model
+	h.status("d1", "7.27.0")             // claims primehub
+	d, err := h.c.GetDevice("d1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Model != "esp8266" || d.Version != "" || !d.Online {
+		t.Fatalf("got device %+v, want esp8266 online without a version (status refused)", d)
+	}
+	if got := h.c.Stats().BadMessages.Load(); got != 1 {
+		t.Fatalf("got %d bad messages, want 1", got)
 	}
 }
 
