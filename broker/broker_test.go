@@ -168,7 +168,7 @@ func TestConnect(t *testing.T) {
 		{"empty client id", f.ca.DeviceTLS(t, "dev-4", "m"), "", connectOpts{}, 0x05},
 		{"client id not the certificate's, MQTT 5", f.ca.DeviceTLS(t, "dev-3", "m"), "dev-1", connectOpts{version: 5}, 0x87},
 		{"valid device, MQTT 5", f.ca.DeviceTLS(t, "dev-7", "m"), "dev-7", connectOpts{version: 5}, 0},
-		{"device id reserved for the in-process client", f.ca.DeviceTLS(t, "inline", "m"), "inline", connectOpts{}, 0x05},
+		{"device id reserved for the in-process client", f.ca.UncheckedDeviceTLS(t, "inline"), "inline", connectOpts{}, refusedByTLS},
 		{"will on another device's topic", f.ca.DeviceTLS(t, "dev-5", "m"), "dev-5",
 			connectOpts{will: &will{protocol.Topic("dev-1", protocol.SuffixJob), "x"}}, 0x05},
 		{"will on own downstream topic", f.ca.DeviceTLS(t, "dev-6", "m"), "dev-6",

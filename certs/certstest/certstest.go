@@ -4,8 +4,13 @@
 package certstest
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
 	"testing"
 	"time"
 
@@ -107,4 +112,33 @@ func (c *CA) pool() *x509.CertPool {
 	p := x509.NewCertPool()
 	p.AddCert(c.Authority.Cert)
 	return p
+}
+
+// UncheckedDeviceTLS is DeviceTLS for an id that fota refuses to issue (a reserved or malformed
+// id), signed by this CA directly: a certificate another tool could have made, so tests can
+// check that the servers refuse it on their own.
+func (c *CA) UncheckedDeviceTLS(t testing.TB, id string) *tls.Config {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(now.UnixNano()),
+		Subject:      pkix.Name{CommonName: id, OrganizationalUnit: []string{"device"}},
+		NotBefore:    now.Add(-time.Minute), NotAfter: now.Add(time.Hour),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.Authority.Cert, key.Public(), c.Authority.Key)
+	if err != nil {
+		t.Fatalf("certstest: %v", err)
+	}
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS12,
+		Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}},
+		RootCAs:      c.pool(),
+		ServerName:   "localhost",
+	}
 }
