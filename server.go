@@ -15,6 +15,7 @@ import (
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/firmware"
 	"github.com/fota-dev/fota/protocol"
+	"github.com/fota-dev/fota/transfer"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -34,6 +35,7 @@ type server struct {
 	broker    *broker.Broker
 	ctrl      *controller.Controller
 	patcher   *firmware.Patcher
+	chunks    *transfer.Server
 	api       *api.Server
 	stopWatch context.CancelFunc
 	watchDone chan struct{}
@@ -137,7 +139,18 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 		return nil, err
 	}
 	s.ctrl = ctrl
-	for _, suffix := range []string{protocol.SuffixStatus, protocol.SuffixEvent, protocol.SuffixRequest} {
+	// Chunks are served in process, straight from the artifact store, for the transfer the
+	// controller has offered each device.
+	s.chunks, err = transfer.New(transfer.Options{
+		Lookup: ctrl.Transfer, Artifacts: s.store, Publisher: s.broker, Logger: log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := s.broker.Subscribe(protocol.SuffixRequest, s.chunks.Handle); err != nil {
+		return nil, fmt.Errorf("broker subscribe: %w", err)
+	}
+	for _, suffix := range []string{protocol.SuffixStatus, protocol.SuffixEvent} {
 		if err := s.broker.Subscribe(suffix, func(device string, payload []byte) {
 			ctrl.HandleMessage(device, suffix, payload)
 		}); err != nil {
@@ -192,6 +205,9 @@ func (s *server) Close(ctx context.Context) error {
 	}
 	if s.broker != nil {
 		errs = append(errs, s.broker.Close(ctx))
+	}
+	if s.chunks != nil {
+		errs = append(errs, s.chunks.Close(ctx))
 	}
 	if s.patcher != nil {
 		errs = append(errs, s.patcher.Close(ctx))

@@ -113,7 +113,7 @@ type Controller struct {
 
 	// certModel is the model a device's certificate names, when it names one.
 	certModel sync.Map // device id -> string
-	transfers sync.Map // device id -> *transfer, read on every chunk request
+	transfers sync.Map // device id -> *xfer, read on every chunk request
 
 	writes chan *writeReq
 	offers chan offerMsg
@@ -126,20 +126,17 @@ type Controller struct {
 	stats Stats
 }
 
-// Stats counts what the controller dropped, stored or served.
+// Stats counts what the controller dropped or stored. Chunks are counted by the chunk server.
 type Stats struct {
 	BadMessages  atomic.Uint64 // undecodable or invalid device messages
 	StaleEvents  atomic.Uint64 // duplicate or late events ignored
-	ChunksServed atomic.Uint64
-	BytesServed  atomic.Uint64
-	ChunkErrors  atomic.Uint64 // error frames sent
 	Commits      atomic.Uint64 // state file transactions
 	Writes       atomic.Uint64 // transition writes in them
 	FailedWrites atomic.Uint64 // transitions lost to a failed commit
 }
 
-// transfer is what a device may currently download.
-type transfer struct {
+// xfer is what a device may currently download; Transfer hands it to the chunk server.
+type xfer struct {
 	job      string
 	id       uint32
 	sha      string
@@ -289,7 +286,7 @@ type commit struct {
 	req    *writeReq
 	err    error
 	offers []offerMsg
-	xfers  []*transfer // transfers to serve once stored, by device
+	xfers  []*xfer // transfers to serve once stored, by device
 	xdevs  []string
 }
 
@@ -439,13 +436,6 @@ func (c *Controller) HandleMessage(device, suffix string, payload []byte) {
 		if err := c.handleEvent(device, ev); err != nil {
 			c.bad(device, suffix, err)
 		}
-	case protocol.SuffixRequest:
-		var req protocol.ChunkRequest
-		if err := json.Unmarshal(payload, &req); err != nil {
-			c.bad(device, suffix, err)
-			return
-		}
-		c.serveChunk(device, req)
 	default:
 		c.bad(device, suffix, errors.New("unknown topic"))
 	}
@@ -507,6 +497,10 @@ func (c *Controller) handleStatus(id string, st protocol.Status) error {
 			ds.d.Version = c.intern(v.String())
 			ds.d.SHA256 = c.intern(st.SHA256)
 			ds.d.Online, ds.d.LastSeen = true, now
+			ds.d.MaxChunk = 0
+			if st.MaxChunk >= protocol.MinChunkSize && st.MaxChunk <= protocol.MaxChunkSize {
+				ds.d.MaxChunk = st.MaxChunk
+			}
 		})
 		p.add(putDeviceFn(ds.d))
 		r := c.open[ds.d.Model]
@@ -661,7 +655,7 @@ func (c *Controller) offerMsg(r *rollout, ds *devState) *offerMsg {
 func (c *Controller) encodeOffer(device string, j *Job, m protocol.Manifest) offerMsg {
 	payload, err := json.Marshal(protocol.Offer{
 		V: protocol.ProtocolVersion, Job: j.ID, Transfer: j.Transfer, Manifest: m,
-		Size: j.Size, ChunkSize: c.opts.ChunkSize, Window: c.opts.Window,
+		Size: j.Size, ChunkSize: c.chunkSize(j), Window: c.opts.Window,
 	})
 	if err != nil {
 		c.log.Error("encode offer", "device", device, "err", err)
@@ -685,6 +679,7 @@ func (c *Controller) manifest(r *rollout) (protocol.Manifest, error) {
 // when one is ready and small enough, else the full image. It returns ok false while a patch
 // is being made.
 func (c *Controller) chooseArtifact(ds *devState, j *Job, full protocol.Manifest) (protocol.Manifest, bool) {
+	j.Chunk = ds.d.MaxChunk
 	useFull := func() (protocol.Manifest, bool) {
 		j.Delta, j.Artifact, j.Size = false, full.SHA256, full.Size
 		return full, true
@@ -758,8 +753,8 @@ func (c *Controller) DeltaReady(base, target string) {
 	}
 }
 
-func (c *Controller) newTransfer(r *rollout, j *Job) *transfer {
-	return &transfer{job: j.ID, id: j.Transfer, sha: j.Artifact, size: j.Size, chunkMax: c.opts.ChunkSize, paused: &r.paused}
+func (c *Controller) newTransfer(r *rollout, j *Job) *xfer {
+	return &xfer{job: j.ID, id: j.Transfer, sha: j.Artifact, size: j.Size, chunkMax: c.chunkSize(j), paused: &r.paused}
 }
 
 func (c *Controller) setTransfer(r *rollout, j *Job) {

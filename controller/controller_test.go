@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/fota-dev/fota/protocol"
+	"github.com/fota-dev/fota/transfer"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -76,6 +77,7 @@ type harness struct {
 	fw     *fakeFirmware
 	pub    *recorder
 	c      *Controller
+	ts     *transfer.Server
 	deltas *fakeDeltas
 	clock  *fakeClock
 	opts   []func(*Options)
@@ -151,6 +153,12 @@ func (h *harness) start() {
 	}
 	h.c = c
 	h.t.Cleanup(func() { c.Close(context.Background()) })
+	ts, err := transfer.New(transfer.Options{Lookup: c.Transfer, Artifacts: h.fw, Publisher: h.pub})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.ts = ts
+	h.t.Cleanup(func() { ts.Close(context.Background()) })
 }
 
 func (h *harness) send(device, suffix string, v any) {
@@ -158,6 +166,11 @@ func (h *harness) send(device, suffix string, v any) {
 	b, err := json.Marshal(v)
 	if err != nil {
 		h.t.Fatal(err)
+	}
+	if suffix == protocol.SuffixRequest {
+		// Chunk requests go to the chunk server, as in fota serve.
+		h.ts.Handle(device, b)
+		return
 	}
 	h.c.HandleMessage(device, suffix, b)
 }

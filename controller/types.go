@@ -253,6 +253,7 @@ type Job struct {
 	Delta    bool      `json:"delta"`              // streaming a patch rather than the image
 	Artifact string    `json:"artifact,omitempty"` // sha256 of what is streamed
 	Size     int64     `json:"size,omitempty"`     // bytes streamed
+	Chunk    int       `json:"chunk,omitempty"`    // largest chunk the device takes; 0: the server's
 	Created  time.Time `json:"created"`
 	Offered  time.Time `json:"offered,omitzero"`  // latest offer
 	Started  time.Time `json:"started,omitzero"`  // first downloading event
@@ -285,6 +286,7 @@ type Device struct {
 	Online   bool              `json:"online"`
 	LastSeen time.Time         `json:"last_seen"`
 	Job      string            `json:"job,omitempty"` // job id in progress
+	MaxChunk int               `json:"max_chunk,omitempty"` // largest chunk the device takes; 0: the server's
 }
 
 // Event is one entry of a rollout's event log: a transition of the rollout or of one of its

@@ -29,10 +29,14 @@ const (
 // Chunk size limits. A device may ask for any length in [MinChunkSize, the Offer's ChunkSize];
 // the Offer's ChunkSize is at most MaxChunkSize.
 const (
-	MinChunkSize     = 1 << 10
-	MaxChunkSize     = 64 << 10
-	DefaultChunkSize = 16 << 10
-	DefaultWindow    = 4
+	MinChunkSize = 1 << 10
+	MaxChunkSize = 64 << 10
+	// Measured with bench/transfer on loopback: 64 KiB chunks with 8 outstanding give the most
+	// throughput per device (about 0.4 of an HTTPS download; 16 KiB gives 0.3, 1 KiB 0.05).
+	// A device with little memory asks for less: requests may be any length up to the offer's
+	// chunk_size, and max_chunk in its status lowers that.
+	DefaultChunkSize = 64 << 10
+	DefaultWindow    = 8
 )
 
 // Error codes carried in FrameError payloads.

@@ -83,8 +83,11 @@ func (m Manifest) CheckFields() error {
 	if err := ValidModel(m.Model); err != nil {
 		return err
 	}
-	if _, err := ParseVersion(m.Version); err != nil {
+	if v, err := ParseVersion(m.Version); err != nil {
 		return fmt.Errorf("manifest: %w", err)
+	} else if v.String() != m.Version {
+		// The signed bytes hold the version as written: one release, one spelling.
+		return fmt.Errorf("manifest version %q is not canonical, want %q", m.Version, v.String())
 	}
 	if m.Size <= 0 {
 		return fmt.Errorf("manifest size %d, want > 0", m.Size)
