@@ -36,8 +36,8 @@ func commands() []command {
 		{"firmware", "add, list and sign firmware", runFirmware},
 		{"keys", "generate release signing keys", runKeys},
 		{"delta", "make and apply delta patches", runDelta},
-		{"rollout", "create, list and show rollouts", runRollout},
-		{"device", "list and show devices", runDevice},
+		{"rollout", "create, watch, pause, resume and cancel rollouts", runRollout},
+		{"device", "list, show and tag devices", runDevice},
 		{"version", "print the version", runVersion},
 	}
 }
