@@ -225,8 +225,8 @@ func (b *Broker) Addr() net.Addr {
 }
 
 // Publish sends payload to every subscriber of topic, which must be a device's downstream
-// topic (protocol.Topic(id, protocol.SuffixJob) or SuffixChunk). The payload is copied, so the
-// caller may reuse its buffer. Messages to a device whose queue is full are dropped and counted.
+// topic (protocol.Topic(id, protocol.SuffixJob) or SuffixChunk). The caller may reuse payload's
+// buffer once Publish returns. Messages to a device whose queue is full are dropped and counted.
 func (b *Broker) Publish(topic string, payload []byte, qos byte) error {
 	if b.closed.Load() {
 		return ErrClosed
@@ -237,7 +237,9 @@ func (b *Broker) Publish(topic string, payload []byte, qos byte) error {
 	if qos > 2 {
 		return fmt.Errorf("publish %q: qos %d out of range", topic, qos)
 	}
-	if err := b.srv.Publish(topic, append([]byte(nil), payload...), false, qos); err != nil {
+	// Mochi copies the payload for each subscriber it queues it for (packets.Packet.Copy), and
+	// nothing retains it (retain is off), so the caller may reuse payload once this returns.
+	if err := b.srv.Publish(topic, payload, false, qos); err != nil {
 		return fmt.Errorf("publish %q: %w", topic, err)
 	}
 	return nil
