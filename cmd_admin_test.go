@@ -65,6 +65,23 @@ func (s *cliFakeStore) List() ([]firmware.Firmware, error) {
 	return slices.Clone(s.list), nil
 }
 
+func (s *cliFakeStore) Delete(model, version string, inUse func(firmware.Firmware) bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, f := range s.list {
+		if f.Model != model || f.Version != version {
+			continue
+		}
+		if inUse(f) {
+			return fmt.Errorf("delete firmware %s %s: %w", model, version, firmware.ErrInUse)
+		}
+		s.list = slices.Delete(s.list, i, i+1)
+		delete(s.bodies, model+" "+version)
+		return nil
+	}
+	return fmt.Errorf("delete firmware %s %s: %w", model, version, firmware.ErrNotFound)
+}
+
 // cliFakeRollouts creates rollouts with two jobs, on devices dev-1 and dev-2.
 type cliFakeRollouts struct {
 	specs   []controller.RolloutSpec
@@ -193,6 +210,21 @@ func (f *cliFakeRollouts) TagDevice(id string, tags map[string]string) (controll
 		}
 	}
 	return controller.Device{}, fmt.Errorf("device %s %w", id, controller.ErrNotFound)
+}
+
+func (f *cliFakeRollouts) InUse(model, version string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, d := range f.details {
+		switch d.State {
+		case controller.RolloutCompleted, controller.RolloutCanceled, controller.RolloutSuperseded:
+			continue
+		}
+		if d.Model == model && d.Version == version {
+			return true
+		}
+	}
+	return false
 }
 
 func (f *cliFakeRollouts) ListDevices() ([]controller.Device, error) {
@@ -579,6 +611,66 @@ func TestRolloutCLI(t *testing.T) {
 	}
 	if code, _, errOut := a.fota(t, "device", "tag", "dev-1", "bad key=x"); code != 2 || !strings.Contains(errOut, "tag key") {
 		t.Fatalf("got exit %d, stderr %q; want a usage error about the key", code, errOut)
+	}
+}
+
+func TestFirmwareDeleteCLI(t *testing.T) {
+	a := startAdminAPI(t)
+	for _, v := range []string{"1.2.3", "1.2.4"} {
+		file := writeTestFile(t, "fw-"+v+".bin", []byte("primehub firmware "+v))
+		if code, _, errOut := a.fota(t, "firmware", "add", "--model", "primehub", "--version", v, "--file", file); code != 0 {
+			t.Fatalf("add %s: exit %d, %s", v, code, errOut)
+		}
+	}
+	if code, _, errOut := a.fota(t, "rollout", "create", "--model", "primehub", "--version", "1.2.4"); code != 0 {
+		t.Fatalf("create: exit %d, %s", code, errOut)
+	}
+	stored := func() []string {
+		a.store.mu.Lock()
+		defer a.store.mu.Unlock()
+		var vs []string
+		for _, f := range a.store.list {
+			vs = append(vs, f.Version)
+		}
+		return vs
+	}
+	tests := []struct {
+		name       string
+		args       []string
+		wantCode   int
+		wantOut    string
+		wantErr    string // the whole stderr line, without "fota: " and the newline
+		wantStored []string
+	}{
+		{"in use", []string{"--model", "primehub", "--version", "1.2.4"}, 1, "",
+			"fota server: firmware primehub 1.2.4 is used by an unfinished rollout: rollout r1 is active; cancel it first (409)", []string{"1.2.3", "1.2.4"}},
+		{"unknown", []string{"--model", "primehub", "--version", "9.9.9"}, 1, "",
+			"fota server: firmware primehub 9.9.9 not found (404)", []string{"1.2.3", "1.2.4"}},
+		{"missing version", []string{"--model", "primehub"}, 2, "", "firmware delete: --version is required", []string{"1.2.3", "1.2.4"}},
+		{"missing model", []string{"--version", "1.2.3"}, 2, "", "firmware delete: --model is required", []string{"1.2.3", "1.2.4"}},
+		{"bad version", []string{"--model", "primehub", "--version", "1.2.x"}, 2, "",
+			`firmware delete: bad version "1.2.x": want MAJOR.MINOR.PATCH with an optional -PRERELEASE, e.g. 1.2.3`, []string{"1.2.3", "1.2.4"}},
+		{"bad model", []string{"--model", "prime/hub", "--version", "1.2.3"}, 2, "",
+			`firmware delete: --model: invalid model name: model "prime/hub": only letters, digits, '.', '_' and '-' are allowed`, []string{"1.2.3", "1.2.4"}},
+		{"extra argument", []string{"--model", "primehub", "--version", "1.2.3", "now"}, 2, "", `firmware delete: unexpected argument "now"`, []string{"1.2.3", "1.2.4"}},
+		{"deleted", []string{"--model", "primehub", "--version", "v1.2.3"}, 0, "deleted firmware primehub 1.2.3\n", "", []string{"1.2.4"}},
+		{"deleted twice", []string{"--model", "primehub", "--version", "1.2.3"}, 1, "",
+			"fota server: firmware primehub 1.2.3 not found (404)", []string{"1.2.4"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, out, errOut := a.fota(t, append([]string{"firmware", "delete"}, tt.args...)...)
+			wantErr := ""
+			if tt.wantErr != "" {
+				wantErr = "fota: " + tt.wantErr + "\n"
+			}
+			if code != tt.wantCode || out != tt.wantOut || errOut != wantErr {
+				t.Errorf("got exit %d, stdout %q, stderr %q; want %d, %q, %q", code, out, errOut, tt.wantCode, tt.wantOut, wantErr)
+			}
+			if got := stored(); !slices.Equal(got, tt.wantStored) {
+				t.Errorf("got stored versions %v, want %v", got, tt.wantStored)
+			}
+		})
 	}
 }
 

@@ -23,9 +23,10 @@ import (
 
 func runFirmware(args []string, stdout io.Writer) error {
 	return subcommand("firmware", args, stdout, map[string]func([]string, io.Writer) error{
-		"add":  runFirmwareAdd,
-		"list": runFirmwareList,
-		"sign": runFirmwareSign,
+		"add":    runFirmwareAdd,
+		"delete": runFirmwareDelete,
+		"list":   runFirmwareList,
+		"sign":   runFirmwareSign,
 	})
 }
 
@@ -348,5 +349,41 @@ func runFirmwareList(args []string, stdout io.Writer) error {
 				fmtTime(f.Expires), fmtTime(f.Created), f.Notes)
 		}
 		return tw.Flush()
+	})
+}
+
+// runFirmwareDelete removes an image from the server. The server refuses while an unfinished
+// rollout targets it, so a device mid-download never loses the file it is fetching.
+func runFirmwareDelete(args []string, stdout io.Writer) error {
+	const cmd = "firmware delete"
+	fs := newFlags(cmd, stdout)
+	af := addAdminFlags(fs)
+	model := fs.String("model", "", "hardware model of the image (required)")
+	version := fs.String("version", "", "version of the image to delete (required)")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	switch {
+	case *model == "":
+		return usagef("%s: --model is required", cmd)
+	case *version == "":
+		return usagef("%s: --version is required", cmd)
+	}
+	if err := firmware.ValidModel(*model); err != nil {
+		return usagef("%s: --model: %v", cmd, err)
+	}
+	pv, err := protocol.ParseVersion(*version)
+	if err != nil {
+		return usagef("%s: bad version %q: want MAJOR.MINOR.PATCH with an optional -PRERELEASE, e.g. 1.2.3", cmd, *version)
+	}
+	if err := af.check(cmd); err != nil {
+		return err
+	}
+	return af.callAPI(cmd, func(ctx context.Context, c *api.Client) error {
+		if err := c.DeleteFirmware(ctx, *model, pv.String()); err != nil {
+			return err
+		}
+		_, err := fmt.Fprintf(stdout, "deleted firmware %s %s\n", *model, pv.String())
+		return err
 	})
 }

@@ -33,7 +33,7 @@ func commands() []command {
 		{"demo", "update 20 simulated devices end to end in a temp dir", runDemo},
 		{"sim", "run simulated devices", runSim},
 		{"certs", "init a CA, issue and revoke device certificates", runCerts},
-		{"firmware", "add, list and sign firmware", runFirmware},
+		{"firmware", "add, list, sign and delete firmware", runFirmware},
 		{"keys", "generate release signing keys", runKeys},
 		{"delta", "make and apply delta patches", runDelta},
 		{"rollout", "create, watch, pause, resume and cancel rollouts", runRollout},

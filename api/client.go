@@ -160,6 +160,21 @@ func (c *Client) ListFirmware(ctx context.Context) ([]firmware.Firmware, error) 
 	return list, err
 }
 
+// DeleteFirmware deletes a stored image: its record, and its artifact unless another record
+// shares it. The server refuses (an *Error with status 409) while an unfinished rollout
+// targets the image.
+func (c *Client) DeleteFirmware(ctx context.Context, model, version string) error {
+	if model == "" || version == "" {
+		return errors.New("firmware model and version are required")
+	}
+	if model == "." || model == ".." {
+		// Valid as a model name, but a URL path cannot carry it: it would be resolved away.
+		return fmt.Errorf("firmware model %q cannot be deleted through the API", model)
+	}
+	_, err := c.do(ctx, http.MethodDelete, pathFirmware+"/"+url.PathEscape(model)+"/"+url.PathEscape(version), nil, nil, nil, -1, nil)
+	return err
+}
+
 // CreateRollout starts a rollout.
 func (c *Client) CreateRollout(ctx context.Context, spec controller.RolloutSpec) (controller.Rollout, error) {
 	b, err := json.Marshal(spec)
@@ -302,7 +317,7 @@ func (c *Client) GetDevice(ctx context.Context, id string) (controller.Device, e
 }
 
 // do sends one request, with the extra headers hdr, and decodes a successful JSON answer into
-// out. size is the body's length, or -1 if unknown.
+// out, unless out is nil. size is the body's length, or -1 if unknown.
 func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr http.Header, body io.Reader, size int64, out any) (int, error) {
 	if c.baseErr != nil {
 		return 0, c.baseErr
@@ -341,6 +356,10 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 	defer resp.Body.Close()
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return resp.StatusCode, responseError(resp)
+	}
+	if out == nil || resp.StatusCode == http.StatusNoContent {
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxErrorBody))
+		return resp.StatusCode, nil
 	}
 	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
 		return resp.StatusCode, fmt.Errorf("fota server: bad response to %s %s: %w", method, path, err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -159,6 +160,17 @@ func (f *fakeRollouts) TagDevice(id string, tags map[string]string) (controller.
 	return controller.Device{}, fmt.Errorf("device %q: %w", id, controller.ErrNotFound)
 }
 
+func (f *fakeRollouts) InUse(model, version string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, d := range f.details {
+		if d.Model == model && d.Version == version && unfinished(d.State) {
+			return true
+		}
+	}
+	return false
+}
+
 func (f *fakeRollouts) ListDevices() ([]controller.Device, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -246,6 +258,27 @@ func (s *fakeStore) List() ([]firmware.Firmware, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.list, s.err
+}
+
+// Delete removes a record as the real store does, asking inUse first.
+func (s *fakeStore) Delete(model, version string, inUse func(firmware.Firmware) bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return s.err
+	}
+	for i, f := range s.list {
+		if f.Model != model || f.Version != version {
+			continue
+		}
+		if inUse != nil && inUse(f) {
+			return fmt.Errorf("delete firmware %s %s: %w", model, version, firmware.ErrInUse)
+		}
+		s.list = slices.Delete(s.list, i, i+1)
+		delete(s.bodies, model+" "+version)
+		return nil
+	}
+	return fmt.Errorf("delete firmware: get firmware %s %s: %w", model, version, firmware.ErrNotFound)
 }
 
 var testTime = time.Date(2025, 3, 4, 5, 6, 7, 0, time.UTC)

@@ -67,6 +67,7 @@ func (s *Server) routeList() []route {
 		{http.MethodGet, pathOpenAPI, s.openAPI},
 		{http.MethodPost, pathFirmware, s.addFirmware},
 		{http.MethodGet, pathFirmware, s.listFirmware},
+		{http.MethodDelete, pathFirmware + "/{model}/{version}", s.deleteFirmware},
 		{http.MethodPost, pathRollouts, s.createRollout},
 		{http.MethodGet, pathRollouts, s.listRollouts},
 		{http.MethodGet, pathRollouts + "/{id}", s.getRollout},
@@ -326,6 +327,68 @@ func (s *Server) listFirmware(w http.ResponseWriter, r *http.Request) error {
 	}
 	writeJSON(w, http.StatusOK, nonNil(list))
 	return nil
+}
+
+// deleteFirmware removes one image, refusing while an unfinished rollout targets it: a device
+// mid-download would otherwise ask for chunks of a file that is gone.
+func (s *Server) deleteFirmware(w http.ResponseWriter, r *http.Request) error {
+	model, version := r.PathValue("model"), r.PathValue("version")
+	if err := firmware.ValidModel(model); err != nil {
+		return err
+	}
+	pv, err := protocol.ParseVersion(version)
+	if err != nil {
+		return err
+	}
+	canon := pv.String()
+	err = s.opts.Firmware.Delete(model, canon, func(f firmware.Firmware) bool {
+		return s.opts.Rollouts.InUse(f.Model, f.Version)
+	})
+	switch {
+	case errors.Is(err, firmware.ErrInUse):
+		return errStatus(http.StatusConflict, "firmware %s %s is used by an unfinished rollout%s", model, canon, s.blockingRollout(model, canon))
+	case errors.Is(err, firmware.ErrNotFound):
+		// The store's text repeats the operation twice; the client knows what it asked.
+		return errStatus(http.StatusNotFound, "firmware %s %s not found", model, canon)
+	case err != nil:
+		return err
+	}
+	s.log.Info("firmware deleted", "model", model, "version", canon, "remote", r.RemoteAddr)
+	h := w.Header()
+	h.Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// blockingRollout names the unfinished rollout of (model, version) and what the operator can
+// do about it, for the refusal of a delete; "" if it cannot be found (it finished meanwhile,
+// or listing failed: the refusal stands either way).
+func (s *Server) blockingRollout(model, version string) string {
+	list, err := s.opts.Rollouts.ListRollouts()
+	if err != nil {
+		s.log.Warn("list rollouts to explain a refused delete", "err", err)
+		return ""
+	}
+	for _, ro := range list {
+		if ro.Model != model || ro.Version != version || !unfinished(ro.State) {
+			continue
+		}
+		if ro.State == controller.RolloutCanceling {
+			return fmt.Sprintf(": rollout %s is %s; retry once it is %s", ro.ID, ro.State, controller.RolloutCanceled)
+		}
+		return fmt.Sprintf(": rollout %s is %s; cancel it first", ro.ID, ro.State)
+	}
+	return ""
+}
+
+// unfinished reports whether a rollout in state may still offer its firmware to a device.
+func unfinished(state string) bool {
+	// A completed rollout still offers its firmware to late devices: it holds it too.
+	switch state {
+	case controller.RolloutCanceled, controller.RolloutSuperseded:
+		return false
+	}
+	return true
 }
 
 // nonNil makes an empty list encode as [] rather than null.

@@ -19,6 +19,9 @@
 // 201 when new, 200 when the same image was stored already. An unsigned upload to a server
 // without the signing key, a manifest not signed by the release key, or one that does not
 // describe the image, is refused with 400 and nothing is stored.
+//
+// DELETE /api/v1/firmware/{model}/{version} removes a record and its artifact (204), unless an
+// unfinished rollout targets it (409): cancel the rollout, or let it complete, first.
 package api
 
 import (
@@ -49,6 +52,9 @@ type Rollouts interface {
 	ListDevices() ([]controller.Device, error)
 	GetDevice(id string) (controller.Device, error)
 	TagDevice(id string, tags map[string]string) (controller.Device, error)
+	// InUse reports whether an unfinished rollout targets the firmware (model, version), whose
+	// version is canonical; such firmware cannot be deleted.
+	InUse(model, version string) bool
 }
 
 var _ Rollouts = (*controller.Controller)(nil)
@@ -57,7 +63,13 @@ var _ Rollouts = (*controller.Controller)(nil)
 type FirmwareStore interface {
 	Add(ctx context.Context, req firmware.AddRequest) (f firmware.Firmware, created bool, err error)
 	List() ([]firmware.Firmware, error)
+	// Delete removes the record and, unless another record shares it, the artifact; it fails
+	// with firmware.ErrInUse if inUse returns true for the record, firmware.ErrNotFound if
+	// there is none.
+	Delete(model, version string, inUse func(firmware.Firmware) bool) error
 }
+
+var _ FirmwareStore = (*firmware.Store)(nil)
 
 // Defaults for Options.
 const (

@@ -263,6 +263,16 @@ func TestRolloutOffersAndCompletes(t *testing.T) {
 	if err != nil || dev.Version != "7.28.0" || dev.Job != "" {
 		t.Fatalf("got device %+v (%v), want version 7.28.0 and no job", dev, err)
 	}
+	// A completed rollout still holds its firmware for late devices, until it is closed.
+	if !h.c.InUse("primehub", "7.28.0") {
+		t.Fatal("InUse = false for the firmware of a completed rollout, want true")
+	}
+	if _, err := h.c.CancelRollout(r.ID); err != nil {
+		t.Fatal(err)
+	}
+	if h.c.InUse("primehub", "7.28.0") {
+		t.Fatal("InUse = true after the rollout was canceled, want false")
+	}
 }
 
 func TestEventsAreIdempotent(t *testing.T) {

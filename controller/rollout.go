@@ -787,10 +787,12 @@ func (c *Controller) TagDevice(id string, tags map[string]string) (Device, error
 	return out, err
 }
 
-// InUse reports whether an unfinished rollout needs the firmware (model, version).
+// InUse reports whether an open rollout needs the firmware (model, version). A completed
+// rollout counts: a matching device that appears later still gets it, until the rollout is
+// canceled or a newer one supersedes it.
 func (c *Controller) InUse(model, version string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	r := c.open[model]
-	return r != nil && r.rec.State != RolloutCompleted && r.rec.Version == version
+	return r != nil && r.rec.Version == version
 }
