@@ -285,7 +285,7 @@ type Device struct {
 	Tags     map[string]string `json:"tags,omitempty"`
 	Online   bool              `json:"online"`
 	LastSeen time.Time         `json:"last_seen"`
-	Job      string            `json:"job,omitempty"` // job id in progress
+	Job      string            `json:"job,omitempty"`       // job id in progress
 	MaxChunk int               `json:"max_chunk,omitempty"` // largest chunk the device takes; 0: the server's
 }
 
