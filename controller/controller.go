@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -604,7 +605,7 @@ func (c *Controller) offer(r *rollout, ds *devState, now time.Time, p *pending, 
 		j.Attempt++
 		j.Offers++
 		j.ID = jobID(r.rec.ID, j.Offers)
-		j.Transfer = rand.Uint32()
+		j.Transfer = rand.Uint32N(math.MaxUint32) + 1 // 0 is reserved for "no transfer"
 		j.From = ds.d.Version
 		j.Seq, j.Bytes, j.Reason, j.RetryAt = 0, 0, "", time.Time{}
 		j.Delta, j.Artifact, j.Size = false, "", 0

@@ -43,11 +43,12 @@ type chunk struct {
 }
 
 // download is the state of one transfer: which ranges are done, outstanding or to be asked
-// again, and the bytes received so far. The image is split into fixed ranges of chunkSize
-// bytes (the last one shorter), so a frame maps to exactly one range by its offset.
+// again, and where the bytes received so far are kept. The transfer is split into fixed
+// ranges of chunkSize bytes (the last one shorter), so a frame maps to exactly one range by
+// its offset.
 //
-// It holds no network state, so it could be persisted as is (buffer plus done ranges) to
-// resume after a reboot, which is what a device with flash would do.
+// It holds no network state: what a restart needs is the data and the done ranges (done), and
+// a device with a state directory persists exactly those.
 type download struct {
 	transfer  uint32
 	size      int64
@@ -55,15 +56,19 @@ type download struct {
 	window    int
 	timeout   time.Duration
 
-	buf      []byte
+	data     partial
 	chunks   []chunk
-	next     int   // first range never asked for
+	next     int   // ranges below next were asked for, or were done when the download resumed
 	retry    []int // ranges to ask again, oldest first; at most window long
 	inflight []int // outstanding ranges; at most window long
 	received int64
+	unsynced int64 // bytes received since the last checkpoint
 }
 
-func newDownload(o protocol.Offer, timeout time.Duration) *download {
+// transferParams returns the chunk size and window a device uses for offer o: the offer's,
+// within the protocol's limits and this device's, with maxChunk the largest chunk the device
+// takes (0: no limit of its own). A device may always ask for less than the offer allows.
+func transferParams(o protocol.Offer, maxChunk int) (chunkSize, window int) {
 	cs := o.ChunkSize
 	switch {
 	case cs <= 0:
@@ -74,6 +79,9 @@ func newDownload(o protocol.Offer, timeout time.Duration) *download {
 		// Out of contract, but asking for small ranges still works with any server that
 		// honours lengths up to the ChunkSize it announced.
 	}
+	if maxChunk > 0 {
+		cs = min(cs, maxChunk)
+	}
 	w := o.Window
 	switch {
 	case w <= 0:
@@ -81,15 +89,47 @@ func newDownload(o protocol.Offer, timeout time.Duration) *download {
 	case w > maxWindow:
 		w = maxWindow
 	}
-	n := int((o.Size + int64(cs) - 1) / int64(cs))
+	return cs, w
+}
+
+// newDownload starts the transfer of offer o into data, which holds o.Size bytes, in ranges of
+// chunkSize with at most window requests outstanding.
+func newDownload(o protocol.Offer, chunkSize, window int, timeout time.Duration, data partial) *download {
+	n := int((o.Size + int64(chunkSize) - 1) / int64(chunkSize))
 	return &download{
 		transfer:  o.Transfer,
 		size:      o.Size,
-		chunkSize: cs,
-		window:    w,
+		chunkSize: chunkSize,
+		window:    window,
 		timeout:   timeout,
-		buf:       make([]byte, o.Size),
+		data:      data,
 		chunks:    make([]chunk, n),
+	}
+}
+
+// done returns a bitmap of the ranges received: bit i%8 of byte i/8 is range i.
+func (dl *download) done() []byte {
+	b := make([]byte, (len(dl.chunks)+7)/8)
+	for i := range dl.chunks {
+		if dl.chunks[i].state == chunkDone {
+			b[i/8] |= 1 << (i % 8)
+		}
+	}
+	return b
+}
+
+// restore marks the ranges of bitmap done as received, for a download resumed from what a
+// device persisted. The ranges before the first one missing are never asked for again.
+func (dl *download) restore(bitmap []byte) {
+	for i := range dl.chunks {
+		if i/8 < len(bitmap) && bitmap[i/8]&(1<<(i%8)) != 0 {
+			_, n := dl.span(i)
+			dl.chunks[i].state = chunkDone
+			dl.received += int64(n)
+		}
+	}
+	for dl.next < len(dl.chunks) && dl.chunks[dl.next].state == chunkDone {
+		dl.next++
 	}
 }
 
@@ -118,24 +158,36 @@ func (dl *download) wait(attempts int) time.Duration {
 }
 
 // requests marks up to the window's worth of ranges outstanding and returns them: ranges to
-// ask again first, then new ones in order.
-func (dl *download) requests(now time.Time) []protocol.ChunkRequest {
+// ask again first, then new ones in order. allow, when set, is asked before each request
+// with its length, and ends the round when it says no (the rate limit).
+func (dl *download) requests(now time.Time, allow func(n int) bool) []protocol.ChunkRequest {
 	var reqs []protocol.ChunkRequest
 	for len(dl.inflight) < dl.window {
-		i := -1
-		for k, r := range dl.retry {
+		i, k := -1, -1
+		for kk, r := range dl.retry {
 			if !dl.chunks[r].due.After(now) {
-				i = r
-				dl.retry = append(dl.retry[:k], dl.retry[k+1:]...)
+				i, k = r, kk
 				break
 			}
 		}
-		if i < 0 && dl.next < len(dl.chunks) {
-			i = dl.next
-			dl.next++
+		if i < 0 {
+			for dl.next < len(dl.chunks) && dl.chunks[dl.next].state == chunkDone {
+				dl.next++ // received before a restart
+			}
+			if dl.next < len(dl.chunks) {
+				i = dl.next
+			}
 		}
 		if i < 0 {
 			break
+		}
+		if _, n := dl.span(i); allow != nil && !allow(n) {
+			break
+		}
+		if k >= 0 {
+			dl.retry = append(dl.retry[:k], dl.retry[k+1:]...)
+		} else {
+			dl.next++
 		}
 		c := &dl.chunks[i]
 		c.state = chunkOutstanding
@@ -150,22 +202,26 @@ func (dl *download) requests(now time.Time) []protocol.ChunkRequest {
 // accept stores a data frame's payload. It returns the bytes taken, 0 for a frame that is
 // not an answer to an outstanding request (duplicate, late, at or past the end of the
 // transfer), or -1 for an answer of the wrong length, which the caller treats like a corrupt
-// frame. Nothing past the transfer's size is ever stored, whatever a server sends.
-func (dl *download) accept(off uint32, payload []byte) int {
+// frame. Nothing past the transfer's size is ever stored, whatever a server sends. An error
+// is the device's own storage failing.
+func (dl *download) accept(off uint32, payload []byte) (int, error) {
 	i := dl.index(off)
 	if i < 0 {
-		return 0
+		return 0, nil
 	}
 	o, n := dl.span(i)
 	if len(payload) != n {
 		dl.chunks[i].past = o+int64(len(payload)) > dl.size
-		return -1
+		return -1, nil
 	}
-	copy(dl.buf[o:], payload)
+	if _, err := dl.data.WriteAt(payload, o); err != nil {
+		return 0, fmt.Errorf("store chunk at %d: %w", o, err)
+	}
 	dl.chunks[i].state = chunkDone
 	dl.drop(i)
 	dl.received += int64(n)
-	return n
+	dl.unsynced += int64(n)
+	return n, nil
 }
 
 // drop removes range i from the outstanding list.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -42,6 +43,18 @@ type FleetConfig struct {
 	UntilUpdated   bool
 	RequestTimeout time.Duration // per device; zero means DefaultRequestTimeout
 	Logger         *slog.Logger
+
+	// Per device, as in Config.
+	MaxChunk        int
+	SyncEvery       int
+	DropRate        float64
+	CorruptRate     float64
+	DisconnectEvery int
+	PowerLossRate   float64
+	FailInstallRate float64
+	Rate            int
+	// Seed seeds every device's faults, each with its own id; 0 picks a random seed.
+	Seed uint64
 }
 
 // RunFleet starts cfg.N devices and runs them until the UntilVersion or UntilUpdated
@@ -68,7 +81,12 @@ func RunFleet(ctx context.Context, cfg FleetConfig) ([]Result, error) {
 			return nil, fmt.Errorf("run fleet: until: %w", err)
 		}
 	}
+	if cfg.Seed == 0 {
+		cfg.Seed = rand.Uint64() // one seed for the fleet, so the log can name it
+	}
+	cfg.Logger.Info("fleet", "devices", cfg.N, "seed", cfg.Seed)
 	changed := make(chan struct{}, 1)
+	images := new(imageCache)
 	devs := make([]*Device, cfg.N)
 	for i := range devs {
 		id := fmt.Sprintf("%s-%04d", cfg.IDPrefix, i+1)
@@ -80,7 +98,11 @@ func RunFleet(ctx context.Context, cfg FleetConfig) ([]Result, error) {
 			ID: id, Model: cfg.Model, Version: cfg.Version, Image: cfg.Image, Counter: cfg.Counter,
 			PublicKey: cfg.PublicKey, StateDir: cfg.StateDir,
 			Broker: cfg.Broker, TLS: tc, Logger: cfg.Logger, RequestTimeout: cfg.RequestTimeout,
-			notify: changed,
+			MaxChunk: cfg.MaxChunk, SyncEvery: cfg.SyncEvery,
+			DropRate: cfg.DropRate, CorruptRate: cfg.CorruptRate, DisconnectEvery: cfg.DisconnectEvery,
+			PowerLossRate: cfg.PowerLossRate, FailInstallRate: cfg.FailInstallRate, Rate: cfg.Rate,
+			Seed:   cfg.Seed,
+			notify: changed, images: images,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("run fleet: %w", err)

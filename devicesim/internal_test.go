@@ -26,6 +26,21 @@ func validOffer() protocol.Offer {
 	}
 }
 
+// memDownload is a download of o kept in memory, with o's chunk size and window.
+func memDownload(o protocol.Offer, timeout time.Duration) *download {
+	cs, w := transferParams(o, 0)
+	return newDownload(o, cs, w, timeout, make(memPartial, o.Size))
+}
+
+// accept is dl.accept for a download in memory, which cannot fail to store.
+func accept(dl *download, off uint32, p []byte) int {
+	n, err := dl.accept(off, p)
+	if err != nil {
+		panic(err)
+	}
+	return n
+}
+
 func TestCheckOffer(t *testing.T) {
 	pub, key, err := ed25519.GenerateKey(nil)
 	if err != nil {
@@ -104,37 +119,37 @@ func TestDownloadWindowAndCompletion(t *testing.T) {
 	o := validOffer()
 	o.Size, o.ChunkSize, o.Window = 2*protocol.MinChunkSize+10, protocol.MinChunkSize, 2
 	now := time.Now()
-	dl := newDownload(o, time.Second)
+	dl := memDownload(o, time.Second)
 
-	reqs := dl.requests(now)
+	reqs := dl.requests(now, nil)
 	if len(reqs) != 2 || reqs[0].Offset != 0 || reqs[1].Offset != protocol.MinChunkSize || reqs[1].Length != protocol.MinChunkSize {
 		t.Fatalf("first requests: got %+v, want 2 full ranges at 0 and %d", reqs, protocol.MinChunkSize)
 	}
-	if got := dl.requests(now); len(got) != 0 {
+	if got := dl.requests(now, nil); len(got) != 0 {
 		t.Fatalf("requests with a full window: got %+v, want none", got)
 	}
 	full := make([]byte, protocol.MinChunkSize)
-	if n := dl.accept(0, full); n != protocol.MinChunkSize {
+	if n := accept(dl, 0, full); n != protocol.MinChunkSize {
 		t.Fatalf("accept: got %d, want %d", n, protocol.MinChunkSize)
 	}
-	if n := dl.accept(0, full); n != 0 {
+	if n := accept(dl, 0, full); n != 0 {
 		t.Errorf("duplicate: got %d, want 0", n)
 	}
-	if n := dl.accept(7, full); n != 0 {
+	if n := accept(dl, 7, full); n != 0 {
 		t.Errorf("misaligned offset: got %d, want 0", n)
 	}
-	if n := dl.accept(protocol.MinChunkSize, full[:5]); n != -1 {
+	if n := accept(dl, protocol.MinChunkSize, full[:5]); n != -1 {
 		t.Errorf("short payload: got %d, want -1", n)
 	}
 	if err := dl.reask(protocol.MinChunkSize, now); err != nil {
 		t.Fatalf("reask: %v", err)
 	}
-	reqs = dl.requests(now)
+	reqs = dl.requests(now, nil)
 	if len(reqs) != 2 || reqs[0].Offset != protocol.MinChunkSize || reqs[1].Offset != 2*protocol.MinChunkSize || reqs[1].Length != 10 {
 		t.Fatalf("after a short payload: got %+v, want the range again, then the last 10 bytes", reqs)
 	}
-	dl.accept(2*protocol.MinChunkSize, make([]byte, 10))
-	dl.accept(protocol.MinChunkSize, full)
+	accept(dl, 2*protocol.MinChunkSize, make([]byte, 10))
+	accept(dl, protocol.MinChunkSize, full)
 	if !dl.complete() || dl.received != o.Size {
 		t.Errorf("complete: got %v with %d bytes, want true with %d", dl.complete(), dl.received, o.Size)
 	}
@@ -151,11 +166,11 @@ func TestDownloadGivesUp(t *testing.T) {
 		{"corrupt frames", func(dl *download, now time.Time) error { return dl.reask(0, now) }, maxAttempts, errExhausted},
 		{"busy", func(dl *download, now time.Time) error { return dl.busy(0, now) }, maxBusy + 1, errExhausted},
 		{"short answers", func(dl *download, now time.Time) error {
-			dl.accept(0, make([]byte, dl.size-1))
+			accept(dl, 0, make([]byte, dl.size-1))
 			return dl.reask(0, now)
 		}, maxAttempts, errExhausted},
 		{"answers past the end", func(dl *download, now time.Time) error {
-			if n := dl.accept(0, make([]byte, dl.size+1)); n != -1 {
+			if n := accept(dl, 0, make([]byte, dl.size+1)); n != -1 {
 				t.Fatalf("accept of a long answer: got %d, want -1", n)
 			}
 			return dl.reask(0, now)
@@ -165,13 +180,13 @@ func TestDownloadGivesUp(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			o := validOffer()
 			o.Window = 1
-			dl := newDownload(o, time.Millisecond)
+			dl := memDownload(o, time.Millisecond)
 			now := time.Now()
 			var err error
 			n := 0
 			for err == nil && n < 100 {
 				now = now.Add(time.Hour) // past any busy delay
-				if reqs := dl.requests(now); len(reqs) != 1 || reqs[0].Offset != 0 {
+				if reqs := dl.requests(now, nil); len(reqs) != 1 || reqs[0].Offset != 0 {
 					t.Fatalf("round %d: got requests %+v, want offset 0 again", n, reqs)
 				}
 				err = tt.fail(dl, now)
@@ -187,13 +202,13 @@ func TestDownloadGivesUp(t *testing.T) {
 func TestDownloadResetAsksAgainAtOnce(t *testing.T) {
 	o := validOffer()
 	o.Size, o.Window = 3*protocol.MinChunkSize, 4
-	dl := newDownload(o, time.Second)
+	dl := memDownload(o, time.Second)
 	now := time.Now()
-	if got := len(dl.requests(now)); got != 3 {
+	if got := len(dl.requests(now, nil)); got != 3 {
 		t.Fatalf("requests: got %d, want 3", got)
 	}
 	dl.reset()
-	reqs := dl.requests(now)
+	reqs := dl.requests(now, nil)
 	if len(reqs) != 3 {
 		t.Fatalf("after reset: got %d requests, want 3", len(reqs))
 	}
@@ -216,7 +231,7 @@ func TestNewDownloadClampsTransferParameters(t *testing.T) {
 	for _, tt := range tests {
 		o := validOffer()
 		o.ChunkSize, o.Window = tt.chunk, tt.window
-		dl := newDownload(o, time.Second)
+		dl := memDownload(o, time.Second)
 		if dl.chunkSize != tt.wantChunk || dl.window != tt.wantWindow {
 			t.Errorf("chunk %d window %d: got %d %d, want %d %d", tt.chunk, tt.window, dl.chunkSize, dl.window, tt.wantChunk, tt.wantWindow)
 		}
@@ -262,7 +277,7 @@ func TestNewRefusesBadConfig(t *testing.T) {
 		{"id that climbs out of the state dir", func(c *Config) { c.ID, c.StateDir = "..", t.TempDir() }},
 		{"state dir of another model", func(c *Config) {
 			c.StateDir = t.TempDir()
-			if _, err := openSlots(filepath.Join(c.StateDir, c.ID), State{Model: "other", Version: "1.0.0"}, nil); err != nil {
+			if _, err := openSlots(filepath.Join(c.StateDir, c.ID), State{Model: "other", Version: "1.0.0"}, nil, nil); err != nil {
 				t.Fatal(err)
 			}
 		}},

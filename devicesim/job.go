@@ -97,9 +97,17 @@ func (d *Device) deviceState() firmware.DeviceState {
 }
 
 // emit sends the job's next event. Events are QoS 1 and not waited for: a lost one is covered
-// by the next Status, and by the server offering the job again.
+// by the next Status, and by the server offering the job again. The device's current job is
+// persisted first when its state changed or its reserved sequence numbers ran out, so that
+// after a restart it neither goes back in state nor reuses a sequence number.
 func (d *Device) emit(s *session, j *job, ev protocol.Event) {
 	j.seq++
+	if j == d.job && (j.seq >= j.seqSaved || j.state != j.saved) {
+		if err := d.saveJob(j); err != nil {
+			d.log.Warn("persist job", "job", j.id, "err", err)
+		}
+		j.saved = j.state
+	}
 	ev.V, ev.Job, ev.Seq = protocol.ProtocolVersion, j.id, j.seq
 	if _, ok := d.seqs[j.id]; !ok && len(d.seqs) >= maxRecentJobs {
 		for id := range d.seqs { // forget any one; old jobs are rarely offered again
@@ -146,20 +154,39 @@ func (d *Device) onOffer(s *session, payload []byte, now time.Time) {
 	}
 	// A job seen before (failed, refused, superseded) continues its event sequence.
 	j := &job{id: o.Job, offer: o, from: d.flash.state.Version, seq: d.seqs[o.Job], accepted: now}
+	if cur != nil && cur.id == o.Job {
+		j.seq = max(j.seq, cur.seq) // restored from flash
+	}
 	if err := checkOffer(o, d.cfg.PublicKey, d.deviceState(), now); err != nil {
 		j.state, j.reason = protocol.StateFailed, clip(err.Error())
 		d.log.Warn("offer refused", "job", o.Job, "reason", j.reason)
-		d.emit(s, j, protocol.Event{State: protocol.StateFailed, Reason: j.reason})
 		if cur == nil || !cur.active() {
 			d.job = j
 			d.update(now)
 		}
+		d.emit(s, j, protocol.Event{State: protocol.StateFailed, Reason: j.reason})
 		return
 	}
 	if cur != nil && cur.active() {
 		d.log.Info("job superseded", "job", cur.id, "by", o.Job)
+		d.dropDownload(cur)
 	}
-	j.state, j.dl, j.progress = protocol.StateDownloading, newDownload(o, d.cfg.RequestTimeout), now
+	var data partial
+	if d.dir != "" {
+		f, err := openPartial(d.dir, o.Size, false)
+		if err != nil {
+			j.state, j.reason = protocol.StateFailed, clip(protocol.ReasonInstall+": "+err.Error())
+			d.job = j
+			d.update(now)
+			d.emit(s, j, protocol.Event{State: protocol.StateFailed, Reason: j.reason})
+			return
+		}
+		data = f
+	} else {
+		data = make(memPartial, o.Size)
+	}
+	cs, w := transferParams(o, d.cfg.MaxChunk)
+	j.state, j.dl, j.progress = protocol.StateDownloading, newDownload(o, cs, w, d.cfg.RequestTimeout, data), now
 	d.job = j
 	d.update(now)
 	d.log.Info("downloading", "job", o.Job, "version", o.Manifest.Version, "size", o.Size, "delta", o.Manifest.Delta != nil)
@@ -167,16 +194,19 @@ func (d *Device) onOffer(s *session, payload []byte, now time.Time) {
 	d.pump(s, j, now)
 }
 
-// pump sends as many chunk requests as the window allows.
+// pump sends as many chunk requests as the window and the rate limit allow.
 func (d *Device) pump(s *session, j *job, now time.Time) {
 	topic := protocol.Topic(d.cfg.ID, protocol.SuffixRequest)
-	for _, r := range j.dl.requests(now) {
+	for _, r := range j.dl.requests(now, d.bucket.allow(j.dl.chunkSize, now)) {
 		r.Job = j.id
 		b, err := jsonMarshal(r)
 		if err != nil {
 			d.log.Error("request", "err", err)
 			continue
 		}
+		d.stats.requests.Add(1)
+		d.stats.requestedBytes.Add(int64(r.Length))
+		j.requested += int64(r.Length)
 		// QoS 0: a lost request is the same as a lost answer; the timeout covers both.
 		s.client.Publish(topic, 0, false, b)
 	}
@@ -199,14 +229,19 @@ func (d *Device) onChunk(s *session, b []byte, now time.Time) {
 		}
 		return
 	}
-	if f.Transfer != dl.transfer {
+	// An error frame with transfer id 0 answers a request the server has no transfer for.
+	if f.Transfer != dl.transfer && (f.Kind != protocol.FrameError || f.Transfer != 0) {
 		return
 	}
 	if f.Kind == protocol.FrameError {
 		d.onFrameError(s, j, f, now)
 		return
 	}
-	switch n := dl.accept(f.Offset, f.Payload); {
+	n, err := dl.accept(f.Offset, f.Payload)
+	switch {
+	case err != nil:
+		d.fail(s, j, clip(protocol.ReasonInstall+": "+err.Error()), now)
+		return
 	case n < 0:
 		d.check(s, j, dl.reask(f.Offset, now), now)
 		return
@@ -214,10 +249,16 @@ func (d *Device) onChunk(s *session, b []byte, now time.Time) {
 		return
 	default:
 		j.bytes += int64(n)
+		s.progressed = true
 	}
 	if dl.complete() {
 		d.finish(s, j, now)
 		return
+	}
+	if d.dir != "" && dl.unsynced >= int64(d.cfg.SyncEvery) {
+		if err := d.saveJob(j); err != nil {
+			d.log.Warn("checkpoint", "job", j.id, "err", err)
+		}
 	}
 	if now.Sub(j.progress) >= progressEvery {
 		j.progress = now
@@ -267,7 +308,8 @@ func (d *Device) check(s *session, j *job, err error, now time.Time) {
 }
 
 func (d *Device) fail(s *session, j *job, reason string, now time.Time) {
-	j.state, j.reason, j.dl, j.took = protocol.StateFailed, reason, nil, now.Sub(j.accepted)
+	d.dropDownload(j)
+	j.state, j.reason, j.took = protocol.StateFailed, reason, now.Sub(j.accepted)
 	d.update(now)
 	d.log.Warn("job failed", "job", j.id, "reason", reason)
 	d.emit(s, j, protocol.Event{State: protocol.StateFailed, Reason: reason})
@@ -280,9 +322,13 @@ func (d *Device) finish(s *session, j *job, now time.Time) {
 	m := j.offer.Manifest
 	j.state = protocol.StateVerifying
 	d.update(now)
+	// Persisted with the download synced: a restart from here verifies the same bytes again.
 	d.emit(s, j, protocol.Event{State: protocol.StateVerifying})
-	data := j.dl.buf
-	j.dl = nil
+	data, err := j.dl.data.Bytes()
+	if err != nil {
+		d.fail(s, j, clip(protocol.ReasonInstall+": "+err.Error()), now)
+		return
+	}
 	img, err := d.verify(m, data)
 	if err != nil {
 		d.fail(s, j, clip(err.Error()), now)
@@ -291,12 +337,38 @@ func (d *Device) finish(s *session, j *job, now time.Time) {
 	j.state = protocol.StateInstalling
 	d.update(now)
 	d.emit(s, j, protocol.Event{State: protocol.StateInstalling})
-	if err := d.flash.install(m, img); err != nil {
+	if d.chance(d.cfg.FailInstallRate) {
+		d.stats.failedInstalls.Add(1)
+		d.fail(s, j, protocol.ReasonInstall+": simulated failure (fail-install fault)", now)
+		return
+	}
+	d.install(s, j, img, now)
+}
+
+// install writes img into the inactive slot and switches to it; the reboot follows.
+func (d *Device) install(s *session, j *job, img []byte, now time.Time) {
+	if err := d.flash.install(j.offer.Manifest, img); err != nil {
 		d.fail(s, j, clip(protocol.ReasonInstall+": "+err.Error()), now)
 		return
 	}
+	d.dropDownload(j)
 	d.update(now)
 	d.reboot = true
+}
+
+// reinstall finishes a job that lost power while installing, before the slot switch: the
+// server was told "installing" and waits for the reboot, so the device verifies the download
+// again and installs it without going back in state.
+func (d *Device) reinstall(s *session, j *job, now time.Time) {
+	data, err := j.dl.data.Bytes()
+	if err == nil {
+		data, err = d.verify(j.offer.Manifest, data)
+	}
+	if err != nil {
+		d.fail(s, j, clip(err.Error()), now)
+		return
+	}
+	d.install(s, j, data, now)
 }
 
 // verify returns the image that the downloaded data stands for, once it matches m: the data

@@ -66,7 +66,7 @@ func offerOf(t *testing.T, m protocol.Manifest, key ed25519.PrivateKey) protocol
 	}
 	return protocol.Offer{
 		V: protocol.ProtocolVersion, Job: jobID, Transfer: transfer, Manifest: m,
-		Size: firmware.TransferSize(m), ChunkSize: protocol.DefaultChunkSize, Window: protocol.DefaultWindow,
+		Size: firmware.TransferSize(m), ChunkSize: testChunk, Window: testWindow,
 	}
 }
 
@@ -161,7 +161,7 @@ func TestAttacksRefused(t *testing.T) {
 		{
 			name:       "tampered image byte with a valid CRC",
 			offer:      func(t *testing.T) (protocol.Offer, []byte) { return full(t, next(), releaseKey) },
-			alter:      tamperAt(2 * protocol.DefaultChunkSize),
+			alter:      tamperAt(2 * testChunk),
 			wantReason: protocol.ReasonHashMismatch, wantErr: firmware.ErrHashMismatch, downloads: true,
 		},
 		{
@@ -393,10 +393,10 @@ func TestFramesPastTheSignedSizeAreDropped(t *testing.T) {
 			end := uint32(tt.offer.Size)
 			s := newUpdateServer(t, f.ca.ServerTLS(t), tt.served, tt.offer, func(s *updateServer) {
 				s.alter = func(_ string, req protocol.ChunkRequest, _ int, frame []byte) [][]byte {
-					junk := bytes.Repeat([]byte{0xa5}, protocol.DefaultChunkSize)
+					junk := bytes.Repeat([]byte{0xa5}, testChunk)
 					return [][]byte{
 						protocol.AppendFrame(nil, protocol.FrameData, transfer, end, junk),
-						protocol.AppendFrame(nil, protocol.FrameData, transfer, end+protocol.DefaultChunkSize, junk),
+						protocol.AppendFrame(nil, protocol.FrameData, transfer, end+testChunk, junk),
 						frame,
 						protocol.AppendFrame(nil, protocol.FrameData, transfer, end, junk),
 					}
@@ -445,10 +445,32 @@ func TestStateSurvivesRestart(t *testing.T) {
 		return len(sts) >= 3 && sts[len(sts)-1].Version == newVer && sts[len(sts)-1].SHA256 == shaHex(f.newImg)
 	})
 
-	// A new process, no memory of job-1: only the persisted counter refuses its replay.
+	// A new process remembers job-1 from its flash: offered again, it is confirmed, not
+	// installed again.
 	s.publishOffer("dev-1")
-	r := waitDone(t, d2)
-	if r.State != protocol.StateFailed || !strings.Contains(r.Reason, firmware.ErrRollback.Error()) {
+	waitFor(t, "installed confirmed again", func() bool {
+		n := 0
+		for _, ev := range s.eventsOf("dev-1") {
+			if ev.State == protocol.StateInstalled {
+				n++
+			}
+		}
+		return n == 2
+	})
+	if got := s.requestsAt("dev-1", 0); got != 1 {
+		t.Errorf("requests at offset 0: got %d, want 1", got)
+	}
+
+	// The same signed manifest under another job id: only the persisted counter refuses it.
+	replay := s.offer
+	replay.Job = "job-replay"
+	s.publishOfferOf("dev-1", replay)
+	var r devicesim.Result
+	waitFor(t, "replayed offer refused", func() bool {
+		r = d2.Result()
+		return r.State == protocol.StateFailed
+	})
+	if !strings.Contains(r.Reason, firmware.ErrRollback.Error()) {
 		t.Errorf("replayed offer: got %s %q, want failed with %q", r.State, r.Reason, firmware.ErrRollback)
 	}
 	checkState(t, d2, cfg.StateDir, want, f.newImg)

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/fota-dev/fota/protocol"
 )
@@ -43,21 +44,48 @@ func (s State) Slot() string { return string(rune('A' + s.Active)) }
 // With dir == "" everything lives in memory, for fleets of thousands; image slices are never
 // modified, so devices may share their initial image.
 type slots struct {
-	dir   string
-	state State
-	image [2][]byte
+	dir    string
+	state  State
+	image  [2][]byte
+	images *imageCache
+}
+
+// imageCache holds one copy of each image a fleet's devices have in their slots: a thousand
+// devices that installed the same release hold one slice, not a thousand. Images are never
+// modified once in a slot, so sharing them is safe.
+type imageCache struct {
+	mu sync.Mutex
+	m  map[string][]byte // by hex sha256
+}
+
+// intern returns the cached image with sum (the sha256 of image), caching image if none is.
+// A nil cache returns image.
+func (c *imageCache) intern(sum string, image []byte) []byte {
+	if c == nil || image == nil {
+		return image
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = map[string][]byte{}
+	}
+	if img, ok := c.m[sum]; ok {
+		return img
+	}
+	c.m[sum] = image
+	return image
 }
 
 // openSlots resumes the device persisted in dir, or when dir holds no state yet (or is ""),
-// starts from init with image in slot A.
-func openSlots(dir string, init State, image []byte) (*slots, error) {
-	s := &slots{dir: dir, state: init}
+// starts from init with image in slot A. Images read from dir are interned in images.
+func openSlots(dir string, init State, image []byte, images *imageCache) (*slots, error) {
+	s := &slots{dir: dir, state: init, images: images}
 	s.state.Active = 0
 	s.state.SHA256 = ""
 	if image != nil {
 		s.state.SHA256 = sha256Hex(image)
 	}
-	s.image[0] = image
+	s.image[0] = images.intern(s.state.SHA256, image)
 	if dir == "" {
 		return s, nil
 	}
@@ -105,7 +133,7 @@ func openSlots(dir string, init State, image []byte) (*slots, error) {
 	if got := sha256Hex(img); got != st.SHA256 {
 		return nil, fmt.Errorf("slot %s (%s) has sha256 %s, state says %s", st.Slot(), path, got, st.SHA256)
 	}
-	s.image[st.Active] = img
+	s.image[st.Active] = images.intern(st.SHA256, img)
 	return s, nil
 }
 
@@ -144,7 +172,8 @@ func (s *slots) install(m protocol.Manifest, image []byte) error {
 		}
 	}
 	s.state = st
-	s.image[next] = image
+	s.image[next] = s.images.intern(st.SHA256, image)
+	s.image[1-next] = nil // the old image stays on flash, but nothing reads it again
 	return nil
 }
 

@@ -31,7 +31,7 @@ func readState(t *testing.T, dir string) State {
 func TestSlotsInstallAndResume(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "dev")
 	v1, v2, v3 := []byte("image one"), []byte("image two, longer"), []byte("three")
-	s, err := openSlots(dir, State{Model: "m", Version: "1.0.0", Counter: 3}, v1)
+	s, err := openSlots(dir, State{Model: "m", Version: "1.0.0", Counter: 3}, v1, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,7 +57,7 @@ func TestSlotsInstallAndResume(t *testing.T) {
 			t.Errorf("slot %s: got %q, want %q", step.slot, b, step.img)
 		}
 		// The configuration's image and version lose to the state on disk.
-		r, err := openSlots(dir, State{Model: "m", Version: "1.0.0", Counter: 3}, v1)
+		r, err := openSlots(dir, State{Model: "m", Version: "1.0.0", Counter: 3}, v1, nil)
 		if err != nil {
 			t.Fatalf("resume %d: %v", i, err)
 		}
@@ -70,7 +70,7 @@ func TestSlotsInstallAndResume(t *testing.T) {
 func TestSlotsInstallFailureChangesNothing(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "dev")
 	v1 := []byte("image one")
-	s, err := openSlots(dir, State{Model: "m", Version: "1.0.0", Counter: 3}, v1)
+	s, err := openSlots(dir, State{Model: "m", Version: "1.0.0", Counter: 3}, v1, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +92,7 @@ func TestSlotsInstallFailureChangesNothing(t *testing.T) {
 
 func TestSlotsInMemory(t *testing.T) {
 	v1 := []byte("shared image")
-	s, err := openSlots("", State{Model: "m", Version: "1.0.0"}, v1)
+	s, err := openSlots("", State{Model: "m", Version: "1.0.0"}, v1, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,11 +129,11 @@ func TestSlotsRefuseBadState(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "dev")
-			if _, err := openSlots(dir, State{Model: "m", Version: "1.0.0"}, v1); err != nil {
+			if _, err := openSlots(dir, State{Model: "m", Version: "1.0.0"}, v1, nil); err != nil {
 				t.Fatal(err)
 			}
 			tt.damage(t, dir)
-			_, err := openSlots(dir, State{Model: "m", Version: "1.0.0"}, v1)
+			_, err := openSlots(dir, State{Model: "m", Version: "1.0.0"}, v1, nil)
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Errorf("got %v, want an error containing %q", err, tt.want)
 			}
@@ -153,14 +153,14 @@ func rewriteState(t *testing.T, dir string, change func(st *State)) {
 
 func TestSlotsRemoveStaleTempFiles(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "dev")
-	if _, err := openSlots(dir, State{Model: "m", Version: "1.0.0"}, []byte("x")); err != nil {
+	if _, err := openSlots(dir, State{Model: "m", Version: "1.0.0"}, []byte("x"), nil); err != nil {
 		t.Fatal(err)
 	}
 	stale := filepath.Join(dir, ".slot-b.bin.tmp-123")
 	if err := os.WriteFile(stale, []byte("half"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := openSlots(dir, State{Model: "m", Version: "1.0.0"}, []byte("x")); err != nil {
+	if _, err := openSlots(dir, State{Model: "m", Version: "1.0.0"}, []byte("x"), nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(stale); !os.IsNotExist(err) {

@@ -8,5 +8,6 @@ package protocol
 // History:
 //
 //	1: status, event and chunk request upstream; job offers and chunk frames downstream;
-//	   20-byte chunk frame header with a CRC-32C of the payload.
+//	   20-byte chunk frame header with a CRC-32C of the payload; signed manifests with
+//	   optional delta; max_chunk in Status (an optional field old servers ignore).
 const ProtocolVersion = 1
