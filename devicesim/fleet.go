@@ -174,7 +174,7 @@ func fleetDone(devs []*Device, cfg FleetConfig) bool {
 // WriteSummary prints one line per result, and a total.
 func WriteSummary(w io.Writer, rs []Result) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "DEVICE\tFROM\tTO\tBYTES\tSECONDS\tSTATE")
+	fmt.Fprintln(tw, "DEVICE\tFROM\tTO\tBYTES\tAS\tSECONDS\tSTATE")
 	counts := map[string]int{}
 	for _, r := range rs {
 		state := r.State
@@ -185,7 +185,14 @@ func WriteSummary(w io.Writer, rs []Result) {
 		if to == "" {
 			to = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%.2f\t%s\n", r.ID, r.From, to, r.Bytes, r.Duration.Seconds(), state)
+		as := "-"
+		switch {
+		case r.Bytes > 0 && r.Delta:
+			as = "delta"
+		case r.Bytes > 0:
+			as = "image"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%.2f\t%s\n", r.ID, r.From, to, r.Bytes, as, r.Duration.Seconds(), state)
 		counts[r.State]++
 	}
 	tw.Flush()

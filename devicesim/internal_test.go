@@ -297,14 +297,16 @@ func TestWriteSummary(t *testing.T) {
 	var b strings.Builder
 	WriteSummary(&b, []Result{
 		{ID: "sim-0001", From: "1.0.0", To: "1.1.0", Bytes: 1234, Duration: 1500 * time.Millisecond, State: protocol.StateInstalled},
+		{ID: "sim-0004", From: "1.0.0", To: "1.1.0", Bytes: 99, Delta: true, Duration: 250 * time.Millisecond, State: protocol.StateInstalled},
 		{ID: "sim-0002", From: "1.0.0", To: "1.1.0", State: protocol.StateFailed, Reason: "hash-mismatch"},
 		{ID: "sim-0003", From: "1.0.0", State: protocol.StateIdle},
 	})
-	want := `DEVICE    FROM   TO     BYTES  SECONDS  STATE
-sim-0001  1.0.0  1.1.0  1234   1.50     installed
-sim-0002  1.0.0  1.1.0  0      0.00     failed (hash-mismatch)
-sim-0003  1.0.0  -      0      0.00     idle
-3 devices: 1 installed, 1 failed, 1 other
+	want := `DEVICE    FROM   TO     BYTES  AS     SECONDS  STATE
+sim-0001  1.0.0  1.1.0  1234   image  1.50     installed
+sim-0004  1.0.0  1.1.0  99     delta  0.25     installed
+sim-0002  1.0.0  1.1.0  0      -      0.00     failed (hash-mismatch)
+sim-0003  1.0.0  -      0      -      0.00     idle
+4 devices: 2 installed, 1 failed, 1 other
 `
 	if got := b.String(); got != want {
 		t.Errorf("got\n%s\nwant\n%s", got, want)
