@@ -164,3 +164,43 @@ func short(sha string) string {
 	}
 	return orDash(sha)
 }
+
+// listTable is what a list command prints: a hint when there is nothing, else a table.
+type listTable[T any] struct {
+	empty  string           // printed instead of an empty table
+	header []string         // column names
+	cells  func(T) []string // one row per item
+}
+
+// runList is every list command: the admin flags and --json, one API call, then the items as
+// JSON or as a table.
+func runList[T any](cmd string, args []string, stdout io.Writer, fetch func(*api.Client, context.Context) ([]T, error), t listTable[T]) error {
+	fs := newFlags(cmd, stdout)
+	af := addAdminFlags(fs)
+	asJSON := fs.Bool("json", false, "print as JSON")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if err := af.check(cmd); err != nil {
+		return err
+	}
+	return af.callAPI(cmd, func(ctx context.Context, c *api.Client) error {
+		list, err := fetch(c, ctx)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return printJSON(stdout, list)
+		}
+		if len(list) == 0 {
+			_, err := fmt.Fprintln(stdout, t.empty)
+			return err
+		}
+		tw := newTable(stdout)
+		row(tw, t.header...)
+		for _, item := range list {
+			row(tw, t.cells(item)...)
+		}
+		return tw.Flush()
+	})
+}

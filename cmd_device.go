@@ -20,34 +20,12 @@ func runDevice(args []string, stdout io.Writer) error {
 }
 
 func runDeviceList(args []string, stdout io.Writer) error {
-	const cmd = "device list"
-	fs := newFlags(cmd, stdout)
-	af := addAdminFlags(fs)
-	asJSON := fs.Bool("json", false, "print as JSON")
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	if err := af.check(cmd); err != nil {
-		return err
-	}
-	return af.callAPI(cmd, func(ctx context.Context, c *api.Client) error {
-		list, err := c.ListDevices(ctx)
-		if err != nil {
-			return err
-		}
-		if *asJSON {
-			return printJSON(stdout, list)
-		}
-		if len(list) == 0 {
-			_, err := fmt.Fprintln(stdout, "no devices yet; a device registers when it first connects")
-			return err
-		}
-		tw := newTable(stdout)
-		row(tw, "ID", "MODEL", "VERSION", "ONLINE", "LAST SEEN", "TAGS", "JOB")
-		for _, d := range list {
-			row(tw, d.ID, d.Model, orDash(d.Version), yesNo(d.Online), fmtTime(d.LastSeen), orDash(tagFlags(d.Tags).String()), orDash(d.Job))
-		}
-		return tw.Flush()
+	return runList("device list", args, stdout, (*api.Client).ListDevices, listTable[controller.Device]{
+		empty:  "no devices yet; a device registers when it first connects",
+		header: []string{"ID", "MODEL", "VERSION", "ONLINE", "LAST SEEN", "TAGS", "JOB"},
+		cells: func(d controller.Device) []string {
+			return []string{d.ID, d.Model, orDash(d.Version), yesNo(d.Online), fmtTime(d.LastSeen), orDash(tagFlags(d.Tags).String()), orDash(d.Job)}
+		},
 	})
 }
 

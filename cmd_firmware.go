@@ -316,39 +316,13 @@ func openImage(path string) (*os.File, error) {
 }
 
 func runFirmwareList(args []string, stdout io.Writer) error {
-	const cmd = "firmware list"
-	fs := newFlags(cmd, stdout)
-	af := addAdminFlags(fs)
-	asJSON := fs.Bool("json", false, "print as JSON")
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	if err := af.check(cmd); err != nil {
-		return err
-	}
-	return af.callAPI(cmd, func(ctx context.Context, c *api.Client) error {
-		list, err := c.ListFirmware(ctx)
-		if err != nil {
-			return err
-		}
-		if *asJSON {
-			return printJSON(stdout, list)
-		}
-		if len(list) == 0 {
-			_, err := fmt.Fprintln(stdout, "no firmware stored; add some with 'fota firmware add'")
-			return err
-		}
-		tw := newTable(stdout)
-		row(tw, "MODEL", "VERSION", "COUNTER", "SIGNED", "SIZE", "SHA256", "EXPIRES", "CREATED", "NOTES")
-		for _, f := range list {
-			signed := "no"
-			if f.Signature != "" {
-				signed = "yes"
-			}
-			row(tw, f.Model, f.Version, strconv.FormatUint(f.Counter, 10), signed, fmtSize(f.Size), short(f.SHA256),
-				fmtTime(f.Expires), fmtTime(f.Created), f.Notes)
-		}
-		return tw.Flush()
+	return runList("firmware list", args, stdout, (*api.Client).ListFirmware, listTable[firmware.Firmware]{
+		empty:  "no firmware stored; add some with 'fota firmware add'",
+		header: []string{"MODEL", "VERSION", "COUNTER", "SIGNED", "SIZE", "SHA256", "EXPIRES", "CREATED", "NOTES"},
+		cells: func(f firmware.Firmware) []string {
+			return []string{f.Model, f.Version, strconv.FormatUint(f.Counter, 10), yesNo(f.Signature != ""),
+				fmtSize(f.Size), short(f.SHA256), fmtTime(f.Expires), fmtTime(f.Created), f.Notes}
+		},
 	})
 }
 

@@ -170,36 +170,14 @@ func parseStart(s string, now time.Time) (time.Time, error) {
 }
 
 func runRolloutList(args []string, stdout io.Writer) error {
-	const cmd = "rollout list"
-	fs := newFlags(cmd, stdout)
-	af := addAdminFlags(fs)
-	asJSON := fs.Bool("json", false, "print as JSON")
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	if err := af.check(cmd); err != nil {
-		return err
-	}
-	return af.callAPI(cmd, func(ctx context.Context, c *api.Client) error {
-		list, err := c.ListRollouts(ctx)
-		if err != nil {
-			return err
-		}
-		if *asJSON {
-			return printJSON(stdout, list)
-		}
-		if len(list) == 0 {
-			_, err := fmt.Fprintln(stdout, "no rollouts; start one with 'fota rollout create'")
-			return err
-		}
-		tw := newTable(stdout)
-		row(tw, "ID", "MODEL", "VERSION", "STATE", "DEVICES", "INSTALLED", "FAILED", "WAVES", "CREATED")
-		for _, r := range list {
-			row(tw, r.ID, r.Model, r.Version, r.State, strconv.Itoa(total(r.Counts)),
+	return runList("rollout list", args, stdout, (*api.Client).ListRollouts, listTable[controller.Rollout]{
+		empty:  "no rollouts; start one with 'fota rollout create'",
+		header: []string{"ID", "MODEL", "VERSION", "STATE", "DEVICES", "INSTALLED", "FAILED", "WAVES", "CREATED"},
+		cells: func(r controller.Rollout) []string {
+			return []string{r.ID, r.Model, r.Version, r.State, strconv.Itoa(total(r.Counts)),
 				strconv.Itoa(r.Counts[controller.JobInstalled]), strconv.Itoa(r.Counts[controller.JobFailed]),
-				fmt.Sprintf("%d/%d", r.WavesStarted, len(r.Spec.Waves)), fmtTime(r.Created))
-		}
-		return tw.Flush()
+				fmt.Sprintf("%d/%d", r.WavesStarted, len(r.Spec.Waves)), fmtTime(r.Created)}
+		},
 	})
 }
 
