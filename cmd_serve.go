@@ -9,6 +9,8 @@ import (
 	"os/signal"
 	"syscall"
 	"time"
+
+	"github.com/fota-dev/fota/transfer"
 )
 
 func runServe(args []string, stdout io.Writer) error {
@@ -18,6 +20,7 @@ func runServe(args []string, stdout io.Writer) error {
 	mqttAddr := fs.String("mqtt", ":8883", "MQTT-over-TLS listen address")
 	apiAddr := fs.String("api", "127.0.0.1:8080", "admin HTTPS API listen address")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	deviceRate := fs.Int64("device-rate", transfer.DefaultDeviceRate, "bytes per second of chunks served to one device at most; it bounds what one device can cost the server")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -26,6 +29,9 @@ func runServe(args []string, stdout io.Writer) error {
 	}
 	if *certsDir == "" {
 		return usagef("serve: --certs is required (or set FOTA_CERTS)")
+	}
+	if *deviceRate <= 0 {
+		return usagef("serve: --device-rate must be above 0")
 	}
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
@@ -37,6 +43,7 @@ func runServe(args []string, stdout io.Writer) error {
 	defer stop()
 	srv, err := startServer(serverConfig{
 		DataDir: *data, CertsDir: *certsDir, MQTTAddr: *mqttAddr, APIAddr: *apiAddr, Logger: logger,
+		DeviceRate: *deviceRate,
 	})
 	if err != nil {
 		return err

@@ -26,6 +26,9 @@ type serverConfig struct {
 	MQTTAddr string
 	APIAddr  string
 	Logger   *slog.Logger
+	// DeviceRate caps the chunk bytes per second served to one device; 0: the transfer
+	// package's default.
+	DeviceRate int64
 }
 
 // server is the broker, controller and admin API wired together over one state file.
@@ -143,6 +146,7 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	// controller has offered each device.
 	s.chunks, err = transfer.New(transfer.Options{
 		Lookup: ctrl.Transfer, Artifacts: s.store, Publisher: s.broker, Logger: log,
+		DeviceRate: cfg.DeviceRate,
 	})
 	if err != nil {
 		return nil, err
