@@ -117,7 +117,7 @@ type Controller struct {
 	transfers sync.Map // device id -> *xfer, read on every chunk request
 
 	writes chan *writeReq
-	offers chan offerMsg
+	offers *offerQueue
 	stop   chan struct{}
 	wg     sync.WaitGroup
 
@@ -159,7 +159,7 @@ func New(opts Options) (*Controller, error) {
 	c := &Controller{
 		opts: opts, db: opts.DB, log: opts.Logger, clock: opts.Clock,
 		writes: make(chan *writeReq, 4096),
-		offers: make(chan offerMsg, 1024),
+		offers: newOfferQueue(),
 		stop:   make(chan struct{}),
 	}
 	c.reset()
@@ -237,18 +237,17 @@ func (c *Controller) offerWorker() {
 		}
 	}
 	for {
-		select {
-		case m := <-c.offers:
+		if m, ok := c.offers.pop(); ok {
 			publish(m)
+			continue
+		}
+		select {
+		case <-c.offers.ready:
 		case <-c.stop:
-			for {
-				select {
-				case m := <-c.offers:
-					publish(m)
-				default:
-					return
-				}
+			for m, ok := c.offers.pop(); ok; m, ok = c.offers.pop() {
+				publish(m)
 			}
+			return
 		}
 	}
 }
@@ -329,14 +328,55 @@ func (c *Controller) txn(fn func(p *pending, cm *commit) error) error {
 	return err
 }
 
-func (c *Controller) sendOffer(o offerMsg) {
-	// The queue is never closed, so a late send cannot panic; after Close nobody reads it.
+func (c *Controller) sendOffer(o offerMsg) { c.offers.push(o) }
+
+// offerQueue holds the offers waiting for a worker: at most one per device, the latest, in the
+// order devices were first queued. It never drops an offer, and never holds more entries than
+// there are devices, however slowly the workers publish.
+type offerQueue struct {
+	mu      sync.Mutex
+	order   []string
+	pending map[string]offerMsg
+	ready   chan struct{} // a token: something may be queued
+}
+
+func newOfferQueue() *offerQueue {
+	return &offerQueue{pending: make(map[string]offerMsg), ready: make(chan struct{}, 1)}
+}
+
+func (q *offerQueue) push(m offerMsg) {
+	q.mu.Lock()
+	if _, ok := q.pending[m.device]; !ok {
+		q.order = append(q.order, m.device)
+	}
+	q.pending[m.device] = m
+	q.mu.Unlock()
+	q.signal()
+}
+
+func (q *offerQueue) pop() (offerMsg, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(q.order) > 0 {
+		d := q.order[0]
+		q.order = q.order[1:]
+		if m, ok := q.pending[d]; ok {
+			delete(q.pending, d)
+			if len(q.order) > 0 {
+				q.signal() // wake another worker for the rest
+			} else {
+				q.order = nil
+			}
+			return m, true
+		}
+	}
+	return offerMsg{}, false
+}
+
+func (q *offerQueue) signal() {
 	select {
-	case c.offers <- o:
+	case q.ready <- struct{}{}:
 	default:
-		// The queue is full of offers to slow devices; this device gets the offer again
-		// when it next reports its status.
-		c.log.Warn("offer queue full, offer deferred", "device", o.device)
 	}
 }
 
