@@ -223,6 +223,12 @@ func New(cfg Config) (*Device, error) {
 	if cfg.TLS == nil {
 		return nil, fmt.Errorf("new device %s: no TLS configuration", cfg.ID)
 	}
+	if cfg.TLS.ClientSessionCache == nil {
+		// A device reconnects after every install and every lost link: resuming its TLS
+		// session spares both sides a full handshake (the server still checks revocation).
+		cfg.TLS = cfg.TLS.Clone()
+		cfg.TLS.ClientSessionCache = tls.NewLRUClientSessionCache(1)
+	}
 	// Without a pinned key a device would have nothing to check a manifest against.
 	if len(cfg.PublicKey) != ed25519.PublicKeySize {
 		return nil, fmt.Errorf("new device %s: public key is %d bytes, want an ed25519 key of %d", cfg.ID, len(cfg.PublicKey), ed25519.PublicKeySize)
