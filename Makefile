@@ -3,7 +3,7 @@ BIN     ?= bin/fota
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: build test test-short demo lint static clean bench-delta
+.PHONY: build test test-short demo lint static clean bench bench-quick bench-delta
 
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) .
@@ -39,6 +39,21 @@ bench-delta:
 	command -v bsdiff >/dev/null && command -v xdelta3 >/dev/null || \
 		{ apt-get update && apt-get install -y --no-install-recommends bsdiff xdelta3; }
 	$(GO) run ./bench/delta -firmware $(FIRMWARE)
+
+# The benchmark suite (bench/suite): each figure next to the alternative a user would pick,
+# measured in the same run, written to BENCHMARKS.md. Long (tens of minutes); not part of test.
+# Installs Debian's bsdiff and xdelta3, figure 4's baselines, if missing.
+bench:
+	command -v bsdiff >/dev/null && command -v xdelta3 >/dev/null || \
+		{ apt-get update && apt-get install -y --no-install-recommends bsdiff xdelta3; }
+	$(GO) run ./bench/suite -firmware $(FIRMWARE) -out BENCHMARKS.md -command 'make bench'
+
+# The same code with small sizes and one repetition, in under 2 minutes; its report goes to bin/
+# so that it does not replace the full one.
+bench-quick:
+	command -v bsdiff >/dev/null && command -v xdelta3 >/dev/null || \
+		{ apt-get update && apt-get install -y --no-install-recommends bsdiff xdelta3; }
+	$(GO) run ./bench/suite -quick -firmware $(FIRMWARE) -out bin/BENCHMARKS-quick.md -command 'make bench-quick'
 
 clean:
 	rm -rf bin

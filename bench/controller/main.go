@@ -27,8 +27,9 @@ func main() {
 	events := flag.Int("events", 200_000, "device events for the throughput measurement")
 	senders := flag.Int("senders", 1000, "devices sending events at once (each waits for its event to be stored)")
 	dir := flag.String("dir", "", "directory for the state files (default a temp dir, removed after)")
+	asJSON := flag.Bool("json", false, "print the results as one JSON object at the end instead of lines (for bench/suite)")
 	flag.Parse()
-	if err := run(*devices, *events, *senders, *dir); err != nil {
+	if err := run(*devices, *events, *senders, *dir, *asJSON); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -48,7 +49,26 @@ func (firmware) Manifest(model, version string) (protocol.Manifest, error) {
 
 func (firmware) ReadAt(sha string, p []byte, off int64) (int, error) { return len(p), nil }
 
-func run(devices, events, senders int, dir string) error {
+// results are the measurements, as -json prints them.
+type results struct {
+	Senders         int     `json:"senders"`
+	Events          int     `json:"events"`
+	BaselineEvents  int     `json:"baseline_events"`
+	BaselineRate    float64 `json:"baseline_events_per_s"`
+	GroupRate       float64 `json:"events_per_s"`
+	WritesPerCommit float64 `json:"writes_per_commit"`
+	Devices         int     `json:"devices"`
+	RegisterS       float64 `json:"register_s"`
+	LoadS           float64 `json:"load_s"`
+	PlanS           float64 `json:"plan_s"`
+}
+
+func run(devices, events, senders int, dir string, asJSON bool) error {
+	printf := func(format string, args ...any) {
+		if !asJSON {
+			fmt.Printf(format, args...)
+		}
+	}
 	if dir == "" {
 		d, err := os.MkdirTemp("", "fota-bench-")
 		if err != nil {
@@ -57,26 +77,36 @@ func run(devices, events, senders int, dir string) error {
 		defer os.RemoveAll(d)
 		dir = d
 	}
-	fmt.Printf("bbolt with fsync in %s; %d senders\n\n", dir, senders)
+	printf("bbolt with fsync in %s; %d senders\n\n", dir, senders)
 
 	base, err := baseline(filepath.Join(dir, "baseline.db"), events/10, senders)
 	if err != nil {
 		return fmt.Errorf("baseline: %w", err)
 	}
-	fmt.Printf("%-44s %10.0f events/s\n", "baseline: one bbolt transaction per event", base)
+	printf("%-44s %10.0f events/s\n", "baseline: one bbolt transaction per event", base)
 	gc, perCommit, err := groupCommit(filepath.Join(dir, "events.db"), events, senders)
 	if err != nil {
 		return fmt.Errorf("group commit: %w", err)
 	}
-	fmt.Printf("%-44s %10.0f events/s  (%.1fx baseline, %.0f writes per commit)\n", "controller: group commit", gc, gc/base, perCommit)
+	printf("%-44s %10.0f events/s  (%.1fx baseline, %.0f writes per commit)\n", "controller: group commit", gc, gc/base, perCommit)
 
 	reg, load, plan, err := planning(filepath.Join(dir, "plan.db"), devices, senders)
 	if err != nil {
 		return fmt.Errorf("planning: %w", err)
 	}
-	fmt.Printf("\n%-44s %10.2f s (%.0f/s)\n", fmt.Sprintf("register %d devices (status messages)", devices), reg.Seconds(), float64(devices)/reg.Seconds())
-	fmt.Printf("%-44s %10.2f s\n", "load the registry at start", load.Seconds())
-	fmt.Printf("%-44s %10.2f s\n", fmt.Sprintf("plan a rollout over %d devices", devices), plan.Seconds())
+	printf("\n%-44s %10.2f s (%.0f/s)\n", fmt.Sprintf("register %d devices (status messages)", devices), reg.Seconds(), float64(devices)/reg.Seconds())
+	printf("%-44s %10.2f s\n", "load the registry at start", load.Seconds())
+	printf("%-44s %10.2f s\n", fmt.Sprintf("plan a rollout over %d devices", devices), plan.Seconds())
+	if asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		enc.SetEscapeHTML(false)
+		return enc.Encode(results{
+			Senders: senders, Events: events, BaselineEvents: events / 10, BaselineRate: base,
+			GroupRate: gc, WritesPerCommit: perCommit, Devices: devices,
+			RegisterS: reg.Seconds(), LoadS: load.Seconds(), PlanS: plan.Seconds(),
+		})
+	}
 	return nil
 }
 

@@ -15,6 +15,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -45,8 +46,9 @@ func main() {
 	}
 	dir := flag.String("firmware", "../shared/firmware", "directory of firmware images named PRODUCT-VERSION.bin")
 	runs := flag.Int("runs", 3, "runs per measurement; the best time and the largest peak are kept")
+	asJSON := flag.Bool("json", false, "print the results as one JSON object instead of tables (for bench/suite)")
 	flag.Parse()
-	if err := bench(*dir, *runs, os.Stdout); err != nil {
+	if err := bench(*dir, *runs, *asJSON, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-delta:", err)
 		os.Exit(1)
 	}
@@ -108,7 +110,7 @@ type tool struct {
 	make, apply func(old, new, patch, out string) []string // argv
 }
 
-func bench(dir string, runs int, w io.Writer) error {
+func bench(dir string, runs int, asJSON bool, w io.Writer) error {
 	var missing []string
 	for _, p := range []string{"bsdiff", "bspatch", "xdelta3"} {
 		if _, err := exec.LookPath(p); err != nil {
@@ -149,8 +151,10 @@ func bench(dir string, runs int, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "Delta patches on %d pairs from %s, %s/%s, best of %d runs. Peak memory is max RSS; "+
-		"the fota binary's own baseline, doing nothing, is %s.\n\n", len(pairs), dir, runtime.GOOS, runtime.GOARCH, runs, mib(base))
+	if !asJSON {
+		fmt.Fprintf(w, "Delta patches on %d pairs from %s, %s/%s, best of %d runs. Peak memory is max RSS; "+
+			"the fota binary's own baseline, doing nothing, is %s.\n\n", len(pairs), dir, runtime.GOOS, runtime.GOARCH, runs, mib(base))
+	}
 
 	results := make([][]result, len(pairs))
 	for i, p := range pairs {
@@ -183,8 +187,56 @@ func bench(dir string, runs int, w io.Writer) error {
 			results[i] = append(results[i], r)
 		}
 	}
+	if asJSON {
+		return printJSON(w, runs, base, pairs, tools, results)
+	}
 	printTables(w, pairs, tools, results)
 	return nil
+}
+
+// printJSON writes the results as one JSON object that bench/suite reads.
+func printJSON(w io.Writer, runs int, base int64, pairs []pair, tools []tool, res [][]result) error {
+	type toolJSON struct {
+		Tool       string  `json:"tool"`
+		PatchBytes int64   `json:"patch_bytes"`
+		MakeMS     float64 `json:"make_ms"`
+		ApplyMS    float64 `json:"apply_ms"`
+		MakeRSS    int64   `json:"make_peak_rss"`
+		ApplyRSS   int64   `json:"apply_peak_rss"`
+	}
+	type pairJSON struct {
+		Pair     string     `json:"pair"`
+		OldBytes int64      `json:"old_bytes"`
+		NewBytes int64      `json:"new_bytes"`
+		Tools    []toolJSON `json:"tools"`
+	}
+	out := struct {
+		Runs        int        `json:"runs"`
+		BaselineRSS int64      `json:"fota_idle_rss"`
+		Pairs       []pairJSON `json:"pairs"`
+	}{Runs: runs, BaselineRSS: base}
+	for i, p := range pairs {
+		pj := pairJSON{Pair: label(p)}
+		if fi, err := os.Stat(p.old); err == nil {
+			pj.OldBytes = fi.Size()
+		}
+		if fi, err := os.Stat(p.new); err == nil {
+			pj.NewBytes = fi.Size()
+		}
+		for j, r := range res[i] {
+			pj.Tools = append(pj.Tools, toolJSON{
+				Tool: tools[j].name, PatchBytes: r.patch,
+				MakeMS:  float64(r.makeT) / float64(time.Millisecond),
+				ApplyMS: float64(r.applyT) / float64(time.Millisecond),
+				MakeRSS: r.makeRSS, ApplyRSS: r.appRSS,
+			})
+		}
+		out.Pairs = append(out.Pairs, pj)
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.SetEscapeHTML(false) // "->" in pair names
+	return enc.Encode(out)
 }
 
 // measure runs argv runs times and returns the best wall time and the largest max RSS.

@@ -25,6 +25,7 @@ import (
 	"crypto/x509"
 	"encoding/binary"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -60,8 +61,9 @@ func main() {
 	rate := flag.Int64("device-rate", 1<<40, "transfer.Options.DeviceRate in bytes/s; the default is no cap, to measure the protocol, not the cap (0: the transfer package's default)")
 	perDevice := flag.Int64("max-inflight", 0, "transfer.Options.MaxInflightPerDevice (0: room for the largest window of the largest chunk)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the measurements to this file")
+	asJSON := flag.Bool("json", false, "print the results as one JSON object instead of tables (for bench/suite)")
 	flag.Parse()
-	cfg := config{image: *image, rounds: *rounds, images: *images, rate: *rate, perDevice: *perDevice, cpuProfile: *cpuProfile}
+	cfg := config{image: *image, rounds: *rounds, images: *images, rate: *rate, perDevice: *perDevice, cpuProfile: *cpuProfile, json: *asJSON}
 	var err error
 	if cfg.chunks, err = ints(*chunks, 1<<10); err == nil {
 		cfg.windows, err = ints(*windows, 1)
@@ -85,6 +87,7 @@ type config struct {
 	chunks, windows []int
 	rate, perDevice int64
 	cpuProfile      string
+	json            bool
 }
 
 func ints(s string, unit int) ([]int, error) {
@@ -278,8 +281,59 @@ func run(cfg config, w io.Writer) error {
 			m.cpu = append(m.cpu, (cpuTime()-cpu0).Seconds()/el.Seconds())
 		}
 	}
+	if cfg.json {
+		return reportJSON(w, cfg, size, ms, srv.Stats(), b.Stats())
+	}
 	report(w, cfg, size, ms, httpsM, rawM, srv.Stats(), b.Stats())
 	return nil
+}
+
+// jsonResult is one configuration's throughput in the -json output.
+type jsonResult struct {
+	Method string  `json:"method"` // MQTT, HTTPS or raw TLS
+	Chunk  int     `json:"chunk,omitempty"`
+	Window int     `json:"window,omitempty"`
+	MBps   float64 `json:"mbps"` // median round, 10^6 bytes per second
+	Min    float64 `json:"mbps_min"`
+	Max    float64 `json:"mbps_max"`
+	CPU    float64 `json:"cpu_cores"` // median CPU seconds per wall second, client and server together
+}
+
+// reportJSON writes what report prints, as one JSON object that bench/suite reads.
+func reportJSON(w io.Writer, cfg config, size int64, ms []*measurement, st transfer.Stats, bs broker.Stats) error {
+	out := struct {
+		ImageBytes  int64        `json:"image_bytes"`
+		Images      int          `json:"images"`
+		Rounds      int          `json:"rounds"`
+		GOMAXPROCS  int          `json:"gomaxprocs"`
+		DeviceRate  int64        `json:"device_rate"` // 1<<40 and above: no cap
+		MaxInflight int64        `json:"max_inflight_per_device"`
+		Results     []jsonResult `json:"results"`
+		Busy        int          `json:"busy"`
+		Reasks      int          `json:"reasks"`
+		Chunks      int64        `json:"server_chunks"`
+		Dropped     int64        `json:"server_dropped"`
+		BrokerDrop  int64        `json:"broker_dropped"`
+	}{
+		ImageBytes: size, Images: cfg.images, Rounds: cfg.rounds, GOMAXPROCS: runtime.GOMAXPROCS(0),
+		DeviceRate: cfg.rate, MaxInflight: cfg.perDevice,
+		Chunks: int64(st.Chunks), Dropped: int64(st.Dropped), BrokerDrop: int64(bs.Dropped),
+	}
+	if out.DeviceRate == 0 {
+		out.DeviceRate = transfer.DefaultDeviceRate // what 0 means to the transfer server
+	}
+	for _, m := range ms {
+		out.Results = append(out.Results, jsonResult{
+			Method: m.name, Chunk: m.chunk, Window: m.window,
+			MBps: m.median(), Min: slices.Min(m.mbps), Max: slices.Max(m.mbps), CPU: median(m.cpu),
+		})
+		out.Busy += m.busy
+		out.Reasks += m.reasks
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.SetEscapeHTML(false)
+	return enc.Encode(out)
 }
 
 func report(w io.Writer, cfg config, size int64, ms []*measurement, httpsM, rawM *measurement, st transfer.Stats, bs broker.Stats) {
