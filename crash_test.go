@@ -19,7 +19,6 @@ import (
 	"github.com/fota-dev/fota/certs"
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/devicesim"
-	"github.com/fota-dev/fota/firmware"
 )
 
 // fotaBinary builds the fota binary into a temp dir.
@@ -113,20 +112,7 @@ func TestSIGKILLMidRollout(t *testing.T) {
 	defer client.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	var counter uint64
-	for _, v := range []string{demoFrom, demoTo} {
-		f, _, err := client.AddFirmware(ctx, demoModel, v, "", bytes.NewReader(demoImage(v)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if v == demoFrom {
-			counter = f.Counter
-		}
-	}
-	pub, err := firmware.LoadPublicKey(filepath.Join(data, "release.pub"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	counter, pub := addDemoReleases(ctx, t, client, filepath.Join(data, "release.pub"), demoFrom, demoTo)
 	const n = 24
 	tlsFor, err := deviceTLSFor(certsDir, mqttAddr)
 	if err != nil {

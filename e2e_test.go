@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"crypto/tls"
 	"io"
 	"log/slog"
@@ -52,6 +53,28 @@ func adminClient(t *testing.T, srv *server, certsDir string) *api.Client {
 	return api.NewClient("https://"+srv.api.Addr().String(), tlsConf)
 }
 
+// addDemoReleases adds the demo firmware versions through the admin API and returns the
+// security counter of the devices' starting image (0 when it is not added) and the release
+// key they pin, read from the server's data dir.
+func addDemoReleases(ctx context.Context, t *testing.T, client *api.Client, releasePub string, versions ...string) (uint64, ed25519.PublicKey) {
+	t.Helper()
+	var counter uint64
+	for _, v := range versions {
+		f, _, err := client.AddFirmware(ctx, demoModel, v, "", bytes.NewReader(demoImage(v)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v == demoFrom {
+			counter = f.Counter
+		}
+	}
+	pub, err := firmware.LoadPublicKey(releasePub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return counter, pub
+}
+
 // TestEndToEnd updates three simulated devices through the real server: firmware uploaded
 // over the admin API and signed, offered by the controller, streamed in chunks by the broker,
 // verified against the pinned release key and installed by each device, every transition
@@ -72,20 +95,7 @@ func TestEndToEnd(t *testing.T) {
 			client := adminClient(t, srv, certsDir)
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
-			var counter uint64
-			for _, v := range tc.versions {
-				f, _, err := client.AddFirmware(ctx, demoModel, v, "", bytes.NewReader(demoImage(v)))
-				if err != nil {
-					t.Fatal(err)
-				}
-				if v == demoFrom {
-					counter = f.Counter
-				}
-			}
-			pub, err := firmware.LoadPublicKey(srv.releasePub)
-			if err != nil {
-				t.Fatal(err)
-			}
+			counter, pub := addDemoReleases(ctx, t, client, srv.releasePub, tc.versions...)
 			const n = 3
 			tlsFor, err := deviceTLSFor(certsDir, srv.broker.Addr().String())
 			if err != nil {

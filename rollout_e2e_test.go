@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"strings"
 	"testing"
@@ -9,7 +8,6 @@ import (
 
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/devicesim"
-	"github.com/fota-dev/fota/firmware"
 )
 
 // TestAbortRuleStopsFleet runs 200 simulated devices, 10% of whose installs fail, through the
@@ -23,20 +21,7 @@ func TestAbortRuleStopsFleet(t *testing.T) {
 	client := adminClient(t, srv, certsDir)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	var counter uint64
-	for _, v := range []string{demoFrom, demoTo} {
-		f, _, err := client.AddFirmware(ctx, demoModel, v, "", bytes.NewReader(demoImage(v)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if v == demoFrom {
-			counter = f.Counter
-		}
-	}
-	pub, err := firmware.LoadPublicKey(srv.releasePub)
-	if err != nil {
-		t.Fatal(err)
-	}
+	counter, pub := addDemoReleases(ctx, t, client, srv.releasePub, demoFrom, demoTo)
 	const n = 200
 	tlsFor, err := deviceTLSFor(certsDir, srv.broker.Addr().String())
 	if err != nil {
