@@ -16,6 +16,8 @@ import (
 
 	"github.com/fota-dev/fota/api"
 	"github.com/fota-dev/fota/certs"
+	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/protocol"
 )
 
 // serverEnv names the environment variable that --server defaults to.
@@ -203,4 +205,21 @@ func runList[T any](cmd string, args []string, stdout io.Writer, fetch func(*api
 		}
 		return tw.Flush()
 	})
+}
+
+// checkModel and checkVersion check a release's flags before anything is sent, as usage
+// errors; checkVersion returns the canonical version.
+func checkModel(cmd, model string) error {
+	if err := firmware.ValidModel(model); err != nil {
+		return usagef("%s: --model: %v", cmd, err)
+	}
+	return nil
+}
+
+func checkVersion(cmd, version string) (string, error) {
+	v, err := protocol.ParseVersion(version)
+	if err != nil {
+		return "", usagef("%s: bad version %q: want MAJOR.MINOR.PATCH with an optional -PRERELEASE, e.g. 1.2.3", cmd, version)
+	}
+	return v.String(), nil
 }

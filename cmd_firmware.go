@@ -56,13 +56,13 @@ func runFirmwareAdd(args []string, stdout io.Writer) error {
 		return usagef("%s: --expires cannot change a signed manifest; sign it again with 'fota firmware sign --expires'", cmd)
 	}
 	if *model != "" {
-		if err := firmware.ValidModel(*model); err != nil {
-			return usagef("%s: --model: %v", cmd, err)
+		if err := checkModel(cmd, *model); err != nil {
+			return err
 		}
 	}
 	if *version != "" {
-		if _, err := protocol.ParseVersion(*version); err != nil {
-			return usagef("%s: bad version %q: want MAJOR.MINOR.PATCH with an optional -PRERELEASE, e.g. 1.2.3", cmd, *version)
+		if _, err := checkVersion(cmd, *version); err != nil {
+			return err
 		}
 	}
 	var exp time.Time
@@ -201,14 +201,14 @@ func runFirmwareSign(args []string, stdout io.Writer) error {
 	if *counter == 0 {
 		return usagef("%s: --counter is required and must be above 0", cmd)
 	}
-	if err := firmware.ValidModel(*model); err != nil {
-		return usagef("%s: --model: %v", cmd, err)
+	if err := checkModel(cmd, *model); err != nil {
+		return err
 	}
-	pv, err := protocol.ParseVersion(*version)
+	canonical, err := checkVersion(cmd, *version)
 	if err != nil {
-		return usagef("%s: bad version %q: want MAJOR.MINOR.PATCH with an optional -PRERELEASE, e.g. 1.2.3", cmd, *version)
+		return err
 	}
-	m := protocol.Manifest{V: protocol.ProtocolVersion, Model: *model, Version: pv.String(), Counter: *counter}
+	m := protocol.Manifest{V: protocol.ProtocolVersion, Model: *model, Version: canonical, Counter: *counter}
 	if *expires != "" {
 		exp, err := parseExpiry(*expires, time.Now())
 		if err != nil {
@@ -343,21 +343,21 @@ func runFirmwareDelete(args []string, stdout io.Writer) error {
 	case *version == "":
 		return usagef("%s: --version is required", cmd)
 	}
-	if err := firmware.ValidModel(*model); err != nil {
-		return usagef("%s: --model: %v", cmd, err)
+	if err := checkModel(cmd, *model); err != nil {
+		return err
 	}
-	pv, err := protocol.ParseVersion(*version)
+	canonical, err := checkVersion(cmd, *version)
 	if err != nil {
-		return usagef("%s: bad version %q: want MAJOR.MINOR.PATCH with an optional -PRERELEASE, e.g. 1.2.3", cmd, *version)
+		return err
 	}
 	if err := af.check(cmd); err != nil {
 		return err
 	}
 	return af.callAPI(cmd, func(ctx context.Context, c *api.Client) error {
-		if err := c.DeleteFirmware(ctx, *model, pv.String()); err != nil {
+		if err := c.DeleteFirmware(ctx, *model, canonical); err != nil {
 			return err
 		}
-		_, err := fmt.Fprintf(stdout, "deleted firmware %s %s\n", *model, pv.String())
+		_, err := fmt.Fprintf(stdout, "deleted firmware %s %s\n", *model, canonical)
 		return err
 	})
 }

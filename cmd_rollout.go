@@ -13,7 +13,6 @@ import (
 
 	"github.com/fota-dev/fota/api"
 	"github.com/fota-dev/fota/controller"
-	"github.com/fota-dev/fota/firmware"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -91,11 +90,11 @@ func runRolloutCreate(args []string, stdout io.Writer) error {
 	case *version == "":
 		return usagef("%s: --version is required", cmd)
 	}
-	if err := firmware.ValidModel(*model); err != nil {
-		return usagef("%s: --model: %v", cmd, err)
+	if err := checkModel(cmd, *model); err != nil {
+		return err
 	}
-	if _, err := protocol.ParseVersion(*version); err != nil {
-		return usagef("%s: bad version %q: want MAJOR.MINOR.PATCH with an optional -PRERELEASE, e.g. 1.2.3", cmd, *version)
+	if _, err := checkVersion(cmd, *version); err != nil {
+		return err
 	}
 	spec := controller.RolloutSpec{
 		Model: *model, Version: *version, Percent: *percent, Gate: *gate, Soak: controller.Duration(*soak),
