@@ -9,8 +9,6 @@ import (
 	"os/signal"
 	"syscall"
 	"time"
-
-	"github.com/fota-dev/fota/transfer"
 )
 
 func runServe(args []string, stdout io.Writer) error {
@@ -20,7 +18,7 @@ func runServe(args []string, stdout io.Writer) error {
 	mqttAddr := fs.String("mqtt", ":8883", "MQTT-over-TLS listen address")
 	apiAddr := fs.String("api", "127.0.0.1:8080", "admin HTTPS API listen address")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
-	deviceRate := fs.Int64("device-rate", transfer.DefaultDeviceRate, "bytes per second of chunks served to one device at most; it bounds what one device can cost the server")
+	deviceRate := fs.Int64("device-rate", 0, "bytes per second of chunks served to one device at most (0: no cap)")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -30,8 +28,8 @@ func runServe(args []string, stdout io.Writer) error {
 	if *certsDir == "" {
 		return usagef("serve: --certs is required (or set FOTA_CERTS)")
 	}
-	if *deviceRate <= 0 {
-		return usagef("serve: --device-rate must be above 0")
+	if *deviceRate < 0 {
+		return usagef("serve: --device-rate must not be negative")
 	}
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(*level)); err != nil {

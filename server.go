@@ -26,8 +26,7 @@ type serverConfig struct {
 	MQTTAddr string
 	APIAddr  string
 	Logger   *slog.Logger
-	// DeviceRate caps the chunk bytes per second served to one device; 0: the transfer
-	// package's default.
+	// DeviceRate caps the chunk bytes per second served to one device; 0: no cap.
 	DeviceRate int64
 }
 
@@ -145,7 +144,7 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	// Chunks are served in process, straight from the artifact store, for the transfer the
 	// controller has offered each device.
 	s.chunks, err = transfer.New(transfer.Options{
-		Lookup: ctrl.Transfer, Artifacts: s.store, Publisher: s.broker, Logger: log,
+		Lookup: ctrl.Transfer, Artifacts: s.store, Sender: s.broker, Logger: log,
 		DeviceRate: cfg.DeviceRate,
 	})
 	if err != nil {

@@ -81,6 +81,7 @@ type Options struct {
 type Stats struct {
 	Connected int    // devices with a live session now
 	Sessions  uint64 // device sessions established
+	Sent      uint64 // messages written by Send
 	Dropped   uint64 // messages dropped because a device's outbound queue was full
 	Refused   uint64 // connections closed before a session: TLS failure, timeout, refused CONNECT
 	Panics    uint64 // panics contained: in a connection, a Subscribe handler or a callback
@@ -106,7 +107,9 @@ type Broker struct {
 
 	subID atomic.Int32
 
-	sessions, dropped, refused, panics atomic.Uint64
+	sendBufs sync.Pool // packet buffers for Send
+
+	sessions, sent, dropped, refused, panics atomic.Uint64
 }
 
 // session is the newest connection of a device. announced is whether OnConnect was queued
@@ -158,6 +161,7 @@ func New(opts Options) (*Broker, error) {
 		live: make(map[string]*session),
 	}
 	b.events.init(b, opts.OnConnect, opts.OnDisconnect)
+	b.sendBufs.New = newSendBuf
 
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = opts.MaxPacketSize
@@ -311,6 +315,7 @@ func (b *Broker) Stats() Stats {
 	return Stats{
 		Connected: n,
 		Sessions:  b.sessions.Load(),
+		Sent:      b.sent.Load(),
 		Dropped:   b.dropped.Load(),
 		Refused:   b.refused.Load(),
 		Panics:    b.panics.Load(),

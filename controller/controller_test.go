@@ -59,6 +59,9 @@ func (r *recorder) Publish(topic string, payload []byte, qos byte) error {
 	return nil
 }
 
+// Send records a chunk frame, as the transfer server's sender.
+func (r *recorder) Send(topic string, payload []byte) error { return r.Publish(topic, payload, 0) }
+
 func (r *recorder) on(topic string) [][]byte {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -153,7 +156,7 @@ func (h *harness) start() {
 	}
 	h.c = c
 	h.t.Cleanup(func() { c.Close(context.Background()) })
-	ts, err := transfer.New(transfer.Options{Lookup: c.Transfer, Artifacts: h.fw, Publisher: h.pub})
+	ts, err := transfer.New(transfer.Options{Lookup: c.Transfer, Artifacts: h.fw, Sender: h.pub})
 	if err != nil {
 		h.t.Fatal(err)
 	}

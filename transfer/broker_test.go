@@ -11,6 +11,8 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -23,7 +25,7 @@ import (
 	"github.com/fota-dev/fota/transfer/transfertest"
 )
 
-var _ transfer.Publisher = (*broker.Broker)(nil)
+var _ transfer.Sender = (*broker.Broker)(nil)
 
 // fileArtifacts serves one image through its file.
 type fileArtifacts struct {
@@ -38,39 +40,110 @@ func (a fileArtifacts) ReadAt(sha string, p []byte, off int64) (int, error) {
 	return a.f.ReadAt(p, off)
 }
 
-// counting passes frames on to the broker and counts the bytes of data frames handed over per
-// device (error frames are not counted in flight).
+// counting passes frames on to the broker's Send and keeps, per device, the data frame bytes
+// it was asked to send and those written, and how many Sends were in progress at once.
 type counting struct {
-	*broker.Broker
-	mu    sync.Mutex
-	bytes map[string]int64
+	b *broker.Broker
+
+	mu  sync.Mutex
+	dev map[string]*sends
 }
 
-func (c *counting) Publish(topic string, payload []byte, qos byte) error {
-	err := c.Broker.Publish(topic, payload, qos)
-	if d, _, ok := protocol.ParseTopic(topic); ok && err == nil && len(payload) > 1 && payload[1] == protocol.FrameData {
-		c.mu.Lock()
-		c.bytes[d] += int64(len(payload))
-		c.mu.Unlock()
+type sends struct {
+	attempted, written int64     // data frame bytes
+	failed             int       // Sends that returned an error
+	active, maxActive  int       // Sends in progress, now and at most
+	since              time.Time // when the Send in progress started
+}
+
+func (c *counting) Send(topic string, payload []byte) error {
+	d, _, _ := protocol.ParseTopic(topic)
+	data := len(payload) > 1 && payload[1] == protocol.FrameData
+	c.mu.Lock()
+	s := c.dev[d]
+	if s == nil {
+		s = &sends{}
+		c.dev[d] = s
+	}
+	s.active++
+	s.maxActive = max(s.maxActive, s.active)
+	s.since = time.Now()
+	if data {
+		s.attempted += int64(len(payload))
+	}
+	c.mu.Unlock()
+
+	err := c.b.Send(topic, payload)
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s.active--
+	switch {
+	case err != nil:
+		s.failed++
+	case data:
+		s.written += int64(len(payload))
 	}
 	return err
 }
 
-func (c *counting) handed(device string) int64 {
+func (c *counting) get(device string) sends {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.bytes[device]
+	if s := c.dev[device]; s != nil {
+		return *s
+	}
+	return sends{}
+}
+
+// socketBuffers is the most the kernel may buffer on a loopback connection that is not read:
+// the largest send buffer plus the largest receive buffer.
+func socketBuffers(t *testing.T) int64 {
+	var total int64
+	for _, name := range []string{"tcp_wmem", "tcp_rmem"} {
+		b, err := os.ReadFile("/proc/sys/net/ipv4/" + name)
+		fields := strings.Fields(string(b))
+		if err != nil || len(fields) != 3 {
+			t.Logf("no %s (%v): assuming 32 MiB", name, err)
+			total += 32 << 20
+			continue
+		}
+		n, err := strconv.ParseInt(fields[2], 10, 64)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		total += n
+	}
+	return total
+}
+
+// poll waits for cond, failing the test after d.
+func poll(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, d)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // TestFrozenDeviceDoesNotStallOthers runs 50 devices downloading the whole image through the
-// real broker twice, the second time while one more device asks for chunks as fast as it can
-// and never reads its socket. All downloads must complete and match the image; the frozen
-// device must be held to its in-flight allowance, and the process's heap must stay bounded.
+// real broker while one more device asks for chunks as fast as it can and never reads its
+// socket. The frozen device's frame waits in the broker's Send on its own connection's
+// goroutine: the 50 must all finish, with the right bytes, while it is stuck there; the broker's
+// write timeout must then disconnect it; and it must have been handed no more than its socket
+// buffers hold, with the process's heap bounded.
 func TestFrozenDeviceDoesNotStallOthers(t *testing.T) {
 	if testing.Short() {
 		t.Skip("50 TLS devices; skipped with -short")
 	}
-	const devices = 50
+	const (
+		devices      = 50
+		writeTimeout = 2 * time.Second
+		frame        = protocol.FrameHeaderSize + protocol.DefaultChunkSize
+	)
 	path := filepath.Join("..", "..", "shared", "firmware", "pybricks-primehub-7.28.0.bin")
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -80,49 +153,43 @@ func TestFrozenDeviceDoesNotStallOthers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	t.Cleanup(func() { _ = f.Close() }) // after the servers' Close: a Handle may read until then
 	sum := sha256.Sum256(data)
 	sha := hex.EncodeToString(sum[:])
 	size := int64(len(data))
 
 	ca := certstest.New(t)
-	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
-	b, err := broker.New(broker.Options{Addr: "127.0.0.1:0", TLS: ca.ServerTLS(t), Logger: log})
+	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError}))
+	b, err := broker.New(broker.Options{Addr: "127.0.0.1:0", TLS: ca.ServerTLS(t), Logger: log, WriteTimeout: writeTimeout})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Start(); err != nil {
+	out := &counting{b: b, dev: make(map[string]*sends)}
+	srv, err := transfer.New(transfer.Options{
+		Lookup: func(d string) (transfer.Transfer, bool) {
+			return transfer.Transfer{Job: "job-" + d, ID: 42, SHA256: sha, Size: size, ChunkMax: protocol.DefaultChunkSize}, true
+		},
+		Artifacts: fileArtifacts{sha, f},
+		Sender:    out,
+		Logger:    log,
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
+		// The broker first, as transfer's Close asks: that ends a Send still blocked.
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err := b.Close(ctx); err != nil {
 			t.Errorf("broker Close: %v", err)
 		}
-	})
-	pub := &counting{Broker: b, bytes: make(map[string]int64)}
-	job := func(d string) transfer.Transfer {
-		return transfer.Transfer{Job: "job-" + d, ID: 42, SHA256: sha, Size: size, ChunkMax: protocol.DefaultChunkSize}
-	}
-	// A device rate below what the frozen device asks for even under the race detector, so
-	// that its allowance is what holds it back; still above what each of 50 devices gets here.
-	const rate = 8 << 20
-	srv, err := transfer.New(transfer.Options{
-		Lookup:     func(d string) (transfer.Transfer, bool) { return job(d), true },
-		Artifacts:  fileArtifacts{sha, f},
-		Publisher:  pub,
-		Logger:     log,
-		DeviceRate: rate,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := srv.Close(context.Background()); err != nil {
+		if err := srv.Close(ctx); err != nil {
 			t.Errorf("transfer Close: %v", err)
 		}
 	})
+	if err := b.Start(); err != nil {
+		t.Fatal(err)
+	}
 	if err := b.Subscribe(protocol.SuffixRequest, srv.Handle); err != nil {
 		t.Fatal(err)
 	}
@@ -141,8 +208,7 @@ func TestFrozenDeviceDoesNotStallOthers(t *testing.T) {
 		devs[i] = d
 	}
 
-	// download has every device fetch the image three times, all devices at once, and returns
-	// how long the last took: long enough a phase for the ratio to mean something.
+	// download has every device fetch the image once, all devices at once.
 	download := func(phase string) time.Duration {
 		t.Helper()
 		start := time.Now()
@@ -151,67 +217,52 @@ func TestFrozenDeviceDoesNotStallOthers(t *testing.T) {
 		for i, d := range devs {
 			wg.Go(func() {
 				j := transfertest.Job{Job: "job-" + d.ID, Transfer: 42, Size: size, Chunk: protocol.DefaultChunkSize, Window: protocol.DefaultWindow}
-				for range 3 {
-					// Timeouts shorter than PROTOCOL.md's, so a lost frame costs the test little.
-					r, err := d.Download(ctx, j, transfertest.Options{Reask: 500 * time.Millisecond, BusyPause: 100 * time.Millisecond})
-					if err == nil && !bytes.Equal(r.Image, data) {
-						err = errors.New("image differs")
-					}
-					if err != nil {
-						errs[i] = err
-						return
-					}
+				// Timeouts shorter than PROTOCOL.md's, so a lost frame costs the test little.
+				r, err := d.Download(ctx, j, transfertest.Options{Reask: 500 * time.Millisecond, BusyPause: 100 * time.Millisecond})
+				if err == nil && !bytes.Equal(r.Image, data) {
+					err = errors.New("image differs")
 				}
+				errs[i] = err
 			})
 		}
 		wg.Wait()
-		el := time.Since(start)
 		for i, err := range errs {
 			if err != nil {
 				t.Fatalf("%s: device %s: %v", phase, devs[i].ID, err)
 			}
 		}
-		return el
+		return time.Since(start)
 	}
 
-	download("warm-up") // the first round pays for pools, page cache and TLS state
-	alone := download("without the frozen device")
+	alone := download("without the frozen device") // also pays for pools, page cache and TLS state
 	runtime.GC()
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	base, baseLive := ms.HeapInuse, ms.HeapAlloc
 
-	// The frozen device subscribes, then only asks: bursts of requests for the whole image four
-	// times over, far beyond any window and faster than DeviceRate, until the others are done.
-	frozenID := "frozen"
+	// The frozen device subscribes, then only asks, for the whole image over and over, until
+	// its own socket is full or the broker closes it.
+	const frozenID = "frozen"
 	frozen, err := transfertest.Dial(ctx, addr, ca.DeviceTLS(t, frozenID, "primehub"), frozenID)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = frozen.Close() })
 	stop := make(chan struct{})
 	var asked atomic.Int64
 	var peak atomic.Uint64
 	var bg sync.WaitGroup
-	frozenStart := time.Now()
+	t.Cleanup(func() { _ = frozen.Close(); bg.Wait() })
 	bg.Go(func() {
 		for {
-			for range 4 {
-				for off := int64(0); off < size; off += protocol.DefaultChunkSize {
-					if err := frozen.Request("job-"+frozenID, off, protocol.DefaultChunkSize); err != nil {
-						return // the broker gave up on it: also fine
-					}
-					asked.Add(1)
+			for off := int64(0); off < size; off += protocol.DefaultChunkSize {
+				if err := frozen.Request("job-"+frozenID, off, protocol.DefaultChunkSize); err != nil {
+					return // the broker closed it, or its socket stayed full
 				}
-			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(20 * time.Millisecond):
+				asked.Add(1)
 			}
 		}
 	})
-	bg.Go(func() {
+	bg.Go(func() { // samples the heap in use while the frozen device is stuck
 		var ms runtime.MemStats
 		for {
 			runtime.ReadMemStats(&ms)
@@ -225,46 +276,63 @@ func TestFrozenDeviceDoesNotStallOthers(t *testing.T) {
 			}
 		}
 	})
-	// The others start once the frozen device's socket buffers and broker queue are full: the
-	// broker drops what the server hands it, and the server has refused it for its limit.
-	deadline := time.Now().Add(20 * time.Second)
-	for b.Stats().Dropped == 0 || srv.Stats().BusyDevice == 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the frozen device's queue never filled: broker dropped %d, server busy %d", b.Stats().Dropped, srv.Stats().BusyDevice)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	filled := time.Since(frozenStart)
+	stopSampling := sync.OnceFunc(func() { close(stop) })
+	defer stopSampling()
+
+	// Stuck: a Send to it in progress for a while. A device that reads takes a frame in well
+	// under a millisecond; one whose socket is full never does.
+	var stuck sends
+	poll(t, 20*time.Second, "frozen device stuck in Send", func() bool {
+		stuck = out.get(frozenID)
+		return stuck.active == 1 && time.Since(stuck.since) > 100*time.Millisecond
+	})
 	with := download("with the frozen device")
-	// What stays while the device is still stuck: its frames in the broker, and little else.
+	now := out.get(frozenID)
+	if !b.Connected(frozenID) || now.active != 1 || !now.since.Equal(stuck.since) {
+		t.Fatalf("the frozen device was not stuck in one Send throughout: connected %v, %d Sends in progress, the one from %v (before: %v); the downloads took %v, the write timeout is %v",
+			b.Connected(frozenID), now.active, now.since, stuck.since, with, writeTimeout)
+	}
+	// What stays while the device is still stuck: one frame and little else.
 	runtime.GC()
 	runtime.ReadMemStats(&ms)
 	live := int64(ms.HeapAlloc) - int64(baseLive)
-	close(stop)
-	bg.Wait()
-	frozenFor := time.Since(frozenStart)
+	stopSampling()
+	growth := int64(peak.Load()) - int64(base)
+
+	poll(t, 3*writeTimeout, "frozen device disconnected by the write timeout", func() bool { return !b.Connected(frozenID) })
+	poll(t, 10*time.Second, "no frame bytes in flight", func() bool { return srv.Stats().Inflight == 0 })
+	bg.Wait() // its Request fails once the broker closed it
 
 	st := srv.Stats()
-	bs := b.Stats()
-	handed := pub.handed(frozenID)
-	allowance := transfer.DefaultMaxInflightPerDevice + int64(frozenFor.Seconds()*rate)
-	growth := int64(peak.Load()) - int64(base)
+	fz := out.get(frozenID)
+	buffers := socketBuffers(t)
 	t.Logf("50 devices: %v alone, %v with a frozen device (ratio %.2f)", alone.Round(time.Millisecond), with.Round(time.Millisecond), with.Seconds()/alone.Seconds())
-	t.Logf("frozen device: queue full after %v; asked %d chunks (%d MiB) in %v, handed %d KiB to the broker (allowance %d KiB); server busy %d (device) %d (total); broker dropped %d; heap in use grew %d KiB at most, live heap %d KiB",
-		filled.Round(time.Millisecond), asked.Load(), asked.Load()*protocol.DefaultChunkSize>>20, frozenFor.Round(time.Millisecond), handed>>10, allowance>>10, st.BusyDevice, st.BusyTotal, bs.Dropped, growth>>10, live>>10)
+	t.Logf("frozen device: asked %d chunks (%d MiB), %d KiB written to it (socket buffers at most %d KiB), %d KiB attempted, %d Sends failed; server dropped %d; heap in use grew %d KiB at most, live heap %d KiB",
+		asked.Load(), asked.Load()*protocol.DefaultChunkSize>>20, fz.written>>10, buffers>>10, fz.attempted>>10, fz.failed, st.Dropped, growth>>10, live>>10)
 
-	if handed > allowance {
-		t.Errorf("frozen device was handed %d bytes in %v, want at most %d", handed, frozenFor, allowance)
+	if fz.written > buffers+frame {
+		t.Errorf("frozen device was written %d bytes, want at most its socket buffers (%d) and a frame", fz.written, buffers)
 	}
-	if asked.Load()*protocol.DefaultChunkSize <= allowance {
-		t.Errorf("frozen device asked %d chunks, want more than its allowance of %d bytes for a meaningful test", asked.Load(), allowance)
+	if fz.written == 0 || fz.failed == 0 || st.Dropped == 0 {
+		t.Errorf("got %d bytes written to the frozen device, %d failed Sends, %d dropped; want some of each", fz.written, fz.failed, st.Dropped)
 	}
-	// The garbage of fifty downloads and one broker queue of frames for the frozen device fit
-	// well within these; an unbounded queue fed at DeviceRate would not.
-	if max := int64(128 << 20); growth > max {
+	if a := asked.Load() * protocol.DefaultChunkSize; a < 10*fz.attempted {
+		t.Errorf("frozen device asked for %d bytes and was handed %d, want it to ask ten times more for a meaningful test", a, fz.attempted)
+	}
+	for _, d := range append(devs, frozen) {
+		if s := out.get(d.ID); s.maxActive != 1 {
+			t.Errorf("%s: got at most %d Sends at once, want 1", d.ID, s.maxActive)
+		}
+	}
+	if st.BusyTotal != 0 {
+		t.Errorf("got %d busy answers, want none under the default MaxInflight", st.BusyTotal)
+	}
+	// Fifty downloads' garbage fits well within these; frames queued for the frozen device
+	// at the rate it asks would not.
+	if max := int64(64 << 20); growth > max {
 		t.Errorf("heap in use grew by %d MiB with a frozen device, want at most %d MiB", growth>>20, max>>20)
 	}
-	if max := int64(32 << 20); live > max {
+	if max := int64(16 << 20); live > max {
 		t.Errorf("live heap grew by %d MiB with a frozen device, want at most %d MiB", live>>20, max>>20)
 	}
 }

@@ -1,8 +1,10 @@
 // Package transfer serves firmware chunks to devices inside the broker process: it answers each
 // ChunkRequest a device publishes on its req topic with one chunk frame on its chunk topic, read
-// from the artifact store at the requested offset. It bounds the chunk bytes it hands the broker
-// per device and overall, so that a device that stops reading costs a bounded amount of memory
-// and never delays the others. PROTOCOL.md ("Chunk frames") is the contract it implements.
+// from the artifact store at the requested offset and written to the device's connection by the
+// goroutine that read the request, the device's own. So a device's requests are served one
+// after another, and a device that stops reading blocks only itself until the broker's write
+// timeout closes its connection. The server bounds the frame bytes it holds over all devices
+// and can cap each device's rate. PROTOCOL.md ("Chunk frames") is the contract it implements.
 package transfer
 
 import (
@@ -22,17 +24,15 @@ import (
 
 // Defaults for the zero fields of Options.
 const (
-	// DefaultMaxInflightPerDevice lets a device start a window of 8 requests of the largest
-	// chunk at once: the limit should be at least an offer's window times its chunk size plus
-	// the frame header, or a device's first window is paced (see ledger).
-	DefaultMaxInflightPerDevice = 8 * (protocol.MaxChunkSize + protocol.FrameHeaderSize)
-	DefaultMaxInflightTotal     = 64 << 20
-	// DefaultDeviceRate is the speed at which a device's in-flight bytes are assumed to reach
-	// it: 2.5 times a 100 Mbit/s link, so it does not slow a real device, while a device that
-	// asks without reading costs the server (reads, checksums, copies) at most this rate, an
-	// eighth of what one device makes it serve on loopback with 64 KiB chunks (bench/transfer).
-	DefaultDeviceRate = 32 << 20
+	// DefaultMaxInflight lets 1,024 devices hold a frame of the largest chunk at once.
+	DefaultMaxInflight = 1024 * (protocol.MaxChunkSize + protocol.FrameHeaderSize)
+	// DefaultDeviceBurst lets a capped device take a window of 8 of the largest chunks at once.
+	DefaultDeviceBurst = 8 * (protocol.MaxChunkSize + protocol.FrameHeaderSize)
 )
+
+// paceMax is the longest a request waits for a capped device's rate to allow it; well below
+// the 2 s after which a device asks again. A longer wait is answered "busy".
+const paceMax = 250 * time.Millisecond
 
 // maxRequestSize bounds the JSON of a ChunkRequest; anything longer is not one.
 const maxRequestSize = 1 << 10
@@ -62,48 +62,45 @@ type Reader interface {
 	ReadAt(sha string, p []byte, off int64) (int, error)
 }
 
-// Publisher sends a message to a device's topic (broker.Broker satisfies it).
-type Publisher interface {
-	Publish(topic string, payload []byte, qos byte) error
+// Sender writes one message to the device a downstream topic belongs to, on the caller's
+// goroutine, and returns once it is written or has failed (broker.Broker satisfies it). It may
+// block while that device does not read, for a bounded time, and must not keep payload.
+type Sender interface {
+	Send(topic string, payload []byte) error
 }
 
 // Options configures a Server. Zero values mean the defaults above.
 type Options struct {
 	Lookup    Lookup // required
 	Artifacts Reader // required
-	// Publisher is required. Its Publish must not block on a device (QoS 0) and must not keep
-	// payload after it returns: the server reuses frame buffers. The embedded broker copies
-	// the payload; a publisher that sends later (an MQTT client's queue) must copy it first.
-	Publisher Publisher
+	Sender    Sender // required
 	Logger    *slog.Logger
 
-	// MaxInflightPerDevice and MaxInflightTotal bound the chunk frame bytes handed to the
-	// publisher and not yet written to the device, per device and summed over all devices. The
-	// publisher does not say when a frame is written, so "not yet written" is an estimate:
-	// each device's bytes are assumed to drain at DeviceRate from the moment they are handed
-	// over. A frame over the device's limit is sent later, when it fits (up to 250 ms and 16
-	// frames per device), or refused "busy"; one over the total is refused "busy". See ledger.
-	MaxInflightPerDevice int64
-	MaxInflightTotal     int64
-	// DeviceRate, in bytes per second, is how fast a device is assumed to take its frames. It
-	// caps one device's download speed, and so what a device that stopped reading is fed
-	// until the broker disconnects it: MaxInflightPerDevice + DeviceRate x the broker's write
-	// timeout, of which the broker keeps at most its per-connection queue and drops the rest.
-	DeviceRate int64
+	// MaxInflight bounds the frame bytes the server holds at once over all devices: read from
+	// the artifact store and not yet written. A device holds one frame at a time, so this
+	// bounds memory when many devices ask at the same moment; a request that would go over it
+	// is answered "busy".
+	MaxInflight int64
+	// DeviceRate, when above 0, caps each device at that many chunk bytes per second, after a
+	// first DeviceBurst bytes: a request the cap delays by up to 250 ms waits (on the device's
+	// own goroutine, so its other requests wait too), a longer delay is answered "busy". 0
+	// means no cap: a device gets what its link and the server give it.
+	DeviceRate  int64
+	DeviceBurst int64
 }
 
 // Stats are counters since New.
 type Stats struct {
 	Requests    uint64            // chunk requests received
-	Chunks      uint64            // data frames published
+	Chunks      uint64            // data frames written
 	Bytes       uint64            // payload bytes in those frames
 	Paced       uint64            // requests served late: the device was ahead of DeviceRate
-	ErrorFrames map[string]uint64 // error frames published, by protocol.ErrCode*
-	BusyDevice  uint64            // "busy" answers because the device was at MaxInflightPerDevice
-	BusyTotal   uint64            // "busy" answers because all devices were at MaxInflightTotal
+	ErrorFrames map[string]uint64 // error frames sent, by protocol.ErrCode*
+	BusyRate    uint64            // "busy" answers because the device was far ahead of DeviceRate
+	BusyTotal   uint64            // "busy" answers because MaxInflight was reached
 	BadRequests uint64            // requests that were not a ChunkRequest, dropped unanswered
-	Dropped     uint64            // frames the publisher refused; the device asks again
-	Inflight    int64             // estimated in-flight frame bytes now, all devices
+	Dropped     uint64            // frames the sender failed to write (device gone, write timeout); the device asks again
+	Inflight    int64             // frame bytes held now, all devices
 }
 
 // errCodes are the codes Stats.ErrorFrames counts, in protocol order.
@@ -113,20 +110,24 @@ var errCodes = [...]string{protocol.ErrCodeRange, protocol.ErrCodeNoJob, protoco
 type Server struct {
 	opts Options
 	log  *slog.Logger
-	led  *ledger
+	rate *rateLimiter // nil: no cap
 
 	// Frame buffers of the largest frame, so a request costs no allocation of its size.
-	frames sync.Pool
+	frames   sync.Pool
+	inflight atomic.Int64
+
+	// pause waits d unless the server closes first, and reports whether it waited d; a test
+	// replaces it.
+	pause func(d time.Duration) bool
 
 	mu     sync.Mutex
 	closed bool
-	active int                      // Handle calls and paced frames in progress
-	idle   chan struct{}            // closed when closed and active reaches 0
-	held   map[*pacedFrame]struct{} // paced frames waiting for their time
-	after  func(time.Duration, func()) timer
+	done   chan struct{} // closed by Close: paced requests stop waiting
+	active int           // Handle calls in progress
+	idle   chan struct{} // closed when closed and active reaches 0
 
-	requests, chunks, bytes, paced, busyDevice, busyTotal, bad, dropped atomic.Uint64
-	errFrames                                                           [len(errCodes)]atomic.Uint64
+	requests, chunks, bytes, paced, busyRate, busyTotal, bad, dropped atomic.Uint64
+	errFrames                                                         [len(errCodes)]atomic.Uint64
 
 	logLimit rateLimitedLog
 }
@@ -138,40 +139,38 @@ func New(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("%w: Lookup required", ErrBadOptions)
 	case opts.Artifacts == nil:
 		return nil, fmt.Errorf("%w: Artifacts required", ErrBadOptions)
-	case opts.Publisher == nil:
-		return nil, fmt.Errorf("%w: Publisher required", ErrBadOptions)
-	case opts.MaxInflightPerDevice < 0, opts.MaxInflightTotal < 0, opts.DeviceRate < 0:
+	case opts.Sender == nil:
+		return nil, fmt.Errorf("%w: Sender required", ErrBadOptions)
+	case opts.MaxInflight < 0, opts.DeviceRate < 0, opts.DeviceBurst < 0:
 		return nil, fmt.Errorf("%w: negative limit", ErrBadOptions)
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	if opts.MaxInflightPerDevice == 0 {
-		opts.MaxInflightPerDevice = DefaultMaxInflightPerDevice
+	if opts.MaxInflight == 0 {
+		opts.MaxInflight = DefaultMaxInflight
 	}
-	if opts.MaxInflightTotal == 0 {
-		opts.MaxInflightTotal = DefaultMaxInflightTotal
+	if opts.DeviceBurst == 0 {
+		opts.DeviceBurst = DefaultDeviceBurst
 	}
-	if opts.DeviceRate == 0 {
-		opts.DeviceRate = DefaultDeviceRate
+	const frame = protocol.FrameHeaderSize + protocol.MaxChunkSize
+	if opts.MaxInflight < frame {
+		return nil, fmt.Errorf("%w: MaxInflight %d is below one frame of the largest chunk (%d)", ErrBadOptions, opts.MaxInflight, frame)
 	}
-	if opts.MaxInflightPerDevice < protocol.FrameHeaderSize+protocol.MinChunkSize {
-		return nil, fmt.Errorf("%w: MaxInflightPerDevice %d is below one frame of the smallest chunk", ErrBadOptions, opts.MaxInflightPerDevice)
-	}
-	if opts.MaxInflightTotal < opts.MaxInflightPerDevice {
-		return nil, fmt.Errorf("%w: MaxInflightTotal %d is below MaxInflightPerDevice %d", ErrBadOptions, opts.MaxInflightTotal, opts.MaxInflightPerDevice)
+	if opts.DeviceRate > 0 && opts.DeviceBurst < frame {
+		return nil, fmt.Errorf("%w: DeviceBurst %d is below one frame of the largest chunk (%d)", ErrBadOptions, opts.DeviceBurst, frame)
 	}
 	s := &Server{
 		opts: opts,
 		log:  opts.Logger.With("component", "transfer"),
-		led:  newLedger(opts.MaxInflightPerDevice, opts.MaxInflightTotal, opts.DeviceRate, time.Now),
-		held: make(map[*pacedFrame]struct{}),
-		after: func(d time.Duration, f func()) timer {
-			return time.AfterFunc(d, f)
-		},
+		done: make(chan struct{}),
 	}
+	if opts.DeviceRate > 0 {
+		s.rate = newRateLimiter(opts.DeviceRate, opts.DeviceBurst, time.Now)
+	}
+	s.pause = s.wait
 	s.frames.New = func() any {
-		b := make([]byte, protocol.FrameHeaderSize+protocol.MaxChunkSize)
+		b := make([]byte, frame)
 		return &b
 	}
 	return s, nil
@@ -179,9 +178,9 @@ func New(opts Options) (*Server, error) {
 
 // Handle answers one request that device published on its req topic: a chunk frame, an error
 // frame, or nothing for a payload that is not a ChunkRequest. It runs on the device's own
-// connection goroutine; it reads at most one chunk and publishes at QoS 0, so it never waits
-// for any device. A frame for a device ahead of DeviceRate is sent later, from a timer. After
-// Close it does nothing.
+// connection goroutine and returns once the answer is written, so it waits for that device
+// (and, when the device is capped, for its rate) and for nobody else. After Close it does
+// nothing.
 func (s *Server) Handle(device string, payload []byte) {
 	if !s.enter() {
 		return
@@ -220,38 +219,62 @@ func (s *Server) Handle(device string, payload []byte) {
 	}
 	n := int(min(int64(req.Length), t.Size-req.Offset)) // the tail is clamped, not refused
 	cost := int64(protocol.FrameHeaderSize + n)
-	v, delay := s.led.reserve(device, cost)
-	switch v {
-	case overDevice:
-		s.busyDevice.Add(1)
-		s.sendError(device, t.ID, req.Offset, protocol.ErrCodeBusy)
-		return
-	case overTotal:
+	if s.rate != nil {
+		delay, ok := s.rate.take(device, cost, paceMax)
+		if !ok {
+			s.busyRate.Add(1)
+			s.sendError(device, t.ID, req.Offset, protocol.ErrCodeBusy)
+			return
+		}
+		if delay > 0 {
+			s.paced.Add(1)
+			// t is the transfer as it was asked for; if it ends meanwhile, the device drops
+			// the frame as one of another transfer.
+			if !s.pause(delay) {
+				return
+			}
+		}
+	}
+	if !s.hold(cost) {
+		s.refund(device, cost)
 		s.busyTotal.Add(1)
 		s.sendError(device, t.ID, req.Offset, protocol.ErrCodeBusy)
 		return
 	}
-	if delay > 0 {
-		s.paced.Add(1)
-		// t is the transfer as it is now; if it ends meanwhile, the device drops the frame.
-		s.later(delay, func() {
-			s.led.sent(device)
-			s.serve(device, t, req.Offset, n, cost)
-		})
-		return
+	defer s.inflight.Add(-cost)
+	if !s.serve(device, t, req.Offset, n) {
+		s.refund(device, cost)
 	}
-	s.serve(device, t, req.Offset, n, cost)
 }
 
-// serve reads n bytes at off of t's artifact and publishes them as one frame; cost bytes
-// are reserved for it in the ledger.
-func (s *Server) serve(device string, t Transfer, off int64, n int, cost int64) {
+// hold counts n more bytes in flight, unless that would go over MaxInflight.
+func (s *Server) hold(n int64) bool {
+	for {
+		cur := s.inflight.Load()
+		if cur+n > s.opts.MaxInflight {
+			return false
+		}
+		if s.inflight.CompareAndSwap(cur, cur+n) {
+			return true
+		}
+	}
+}
+
+// refund gives a capped device back n bytes it was not sent.
+func (s *Server) refund(device string, n int64) {
+	if s.rate != nil {
+		s.rate.refund(device, n)
+	}
+}
+
+// serve reads n bytes at off of t's artifact and writes them as one frame, or an error frame
+// when they cannot be read. It reports whether the data frame went out.
+func (s *Server) serve(device string, t Transfer, off int64, n int) bool {
 	bp := s.frames.Get().(*[]byte)
 	defer s.frames.Put(bp)
 	buf := *bp
 	payload := buf[protocol.FrameHeaderSize : protocol.FrameHeaderSize+n]
 	if got, err := s.opts.Artifacts.ReadAt(t.SHA256, payload, off); got != n || (err != nil && !errors.Is(err, io.EOF)) {
-		s.led.refund(device, cost)
 		if err == nil {
 			err = io.ErrUnexpectedEOF
 		}
@@ -259,51 +282,35 @@ func (s *Server) serve(device string, t Transfer, off int64, n int, cost int64) 
 			s.log.Error("read artifact", "sha256", t.SHA256, "offset", off, "length", n, "read", got, "err", err)
 		})
 		s.sendError(device, t.ID, off, protocol.ErrCodeInternal)
-		return
+		return false
 	}
 	// The payload is in place behind the header's room: AppendFrame writes the header in front
 	// of it and copies the payload onto itself.
 	frame := protocol.AppendFrame(buf[:0], protocol.FrameData, t.ID, uint32(off), payload)
-	if err := s.opts.Publisher.Publish(protocol.Topic(device, protocol.SuffixChunk), frame, 0); err != nil {
-		s.led.refund(device, cost)
+	if err := s.opts.Sender.Send(protocol.Topic(device, protocol.SuffixChunk), frame); err != nil {
 		s.dropped.Add(1)
-		s.logLimit.do(func() { s.log.Warn("publish chunk", "device", device, "err", err) })
-		return
+		s.logLimit.do(func() { s.log.Warn("send chunk", "device", device, "err", err) })
+		return false
 	}
 	s.chunks.Add(1)
 	s.bytes.Add(uint64(n))
+	return true
 }
 
-// later runs f after d on a goroutine of its own, unless Close comes first. It is called from
-// Handle, so the server is not closed yet.
-func (s *Server) later(d time.Duration, f func()) {
-	p := new(pacedFrame)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	p.t = s.after(d, func() {
-		s.mu.Lock()
-		delete(s.held, p)
-		if s.closed {
-			s.mu.Unlock()
-			return
-		}
-		s.active++
-		s.mu.Unlock()
-		defer s.leave()
-		f()
-	})
-	s.held[p] = struct{}{}
+// wait is the pause of a running server.
+func (s *Server) wait(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-s.done:
+		return false
+	}
 }
 
-// pacedFrame is a frame held for later; its timer's callback needs it as a map key before
-// the timer exists.
-type pacedFrame struct{ t timer }
-
-// timer is what Server.after returns: *time.Timer, or a test's fake.
-type timer interface{ Stop() bool }
-
-// sendError publishes an error frame. Error frames are not counted in flight: they are 20
-// bytes and a code, and the broker's per-connection queue bounds how many it keeps.
+// sendError sends an error frame. Error frames are not counted in flight: they are 20 bytes
+// and a code, on the stack.
 func (s *Server) sendError(device string, transfer uint32, offset int64, code string) {
 	for i, c := range errCodes {
 		if c == code {
@@ -316,9 +323,9 @@ func (s *Server) sendError(device string, transfer uint32, offset int64, code st
 	}
 	var buf [protocol.FrameHeaderSize + 16]byte
 	frame := protocol.AppendFrame(buf[:0], protocol.FrameError, transfer, off, []byte(code))
-	if err := s.opts.Publisher.Publish(protocol.Topic(device, protocol.SuffixChunk), frame, 0); err != nil {
+	if err := s.opts.Sender.Send(protocol.Topic(device, protocol.SuffixChunk), frame); err != nil {
 		s.dropped.Add(1)
-		s.logLimit.do(func() { s.log.Warn("publish chunk error", "device", device, "err", err) })
+		s.logLimit.do(func() { s.log.Warn("send chunk error", "device", device, "err", err) })
 	}
 }
 
@@ -330,11 +337,11 @@ func (s *Server) Stats() Stats {
 		Bytes:       s.bytes.Load(),
 		Paced:       s.paced.Load(),
 		ErrorFrames: make(map[string]uint64, len(errCodes)),
-		BusyDevice:  s.busyDevice.Load(),
+		BusyRate:    s.busyRate.Load(),
 		BusyTotal:   s.busyTotal.Load(),
 		BadRequests: s.bad.Load(),
 		Dropped:     s.dropped.Load(),
-		Inflight:    s.led.inflight(),
+		Inflight:    s.inflight.Load(),
 	}
 	for i, c := range errCodes {
 		st.ErrorFrames[c] = s.errFrames[i].Load()
@@ -342,17 +349,15 @@ func (s *Server) Stats() Stats {
 	return st
 }
 
-// Close makes Handle a no-op, drops the paced frames not yet sent, and waits for the calls
-// and frames in progress, or for ctx. After it returns nil the server publishes nothing more.
+// Close makes Handle a no-op, ends the waits of paced requests, and waits for the calls in
+// progress, or for ctx. A call may be blocked writing to a device that does not read, until
+// the sender's write timeout: close the broker first, which ends those writes. After Close
+// returns nil the server sends nothing more.
 func (s *Server) Close(ctx context.Context) error {
 	s.mu.Lock()
 	if !s.closed {
 		s.closed = true
-		for p := range s.held {
-			// A timer that already fired finds the server closed and does nothing.
-			p.t.Stop()
-		}
-		clear(s.held)
+		close(s.done)
 		s.idle = make(chan struct{})
 		if s.active == 0 {
 			close(s.idle)

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"os"
 	"path/filepath"
 	"sync"
@@ -64,38 +63,40 @@ func (a *artifacts) ReadAt(sha string, p []byte, off int64) (int, error) {
 	return im.f.ReadAt(p, off)
 }
 
-type published struct {
+type sent struct {
 	topic   string
 	payload []byte
-	qos     byte
 }
 
-// recorder is a Publisher that copies what it is given, as the broker does.
+// recorder is a Sender that copies what it is given, as a write to a connection does, so a
+// server that reused a frame's buffer before Send returned would show.
 type recorder struct {
 	mu   sync.Mutex
-	msgs []published
+	msgs []sent
 	fail error
-	hold chan struct{} // when set, Publish waits for it to be closed
-	in   chan struct{} // when set, Publish signals it is in progress
+	hold chan struct{} // when set, Send of a data frame waits for it to be closed
+	in   chan string   // when set, Send of a data frame first reports its topic on it
 }
 
-func (r *recorder) Publish(topic string, payload []byte, qos byte) error {
-	if r.in != nil {
-		r.in <- struct{}{}
-	}
-	if r.hold != nil {
-		<-r.hold
+func (r *recorder) Send(topic string, payload []byte) error {
+	if isData(payload) {
+		if r.in != nil {
+			r.in <- topic
+		}
+		if r.hold != nil {
+			<-r.hold
+		}
 	}
 	if r.fail != nil {
 		return r.fail
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.msgs = append(r.msgs, published{topic, bytes.Clone(payload), qos})
+	r.msgs = append(r.msgs, sent{topic, bytes.Clone(payload)})
 	return nil
 }
 
-func (r *recorder) take() []published {
+func (r *recorder) take() []sent {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	m := r.msgs
@@ -103,12 +104,14 @@ func (r *recorder) take() []published {
 	return m
 }
 
+func isData(frame []byte) bool { return len(frame) > 1 && frame[1] == protocol.FrameData }
+
 type fixture struct {
 	srv  *Server
 	pub  *recorder
 	arts *artifacts
 	im   *image
-	xfer map[string]Transfer
+	xfer map[string]Transfer // read by Lookup: set up before Handle runs on other goroutines
 }
 
 func newFixture(t *testing.T, edit func(*Options)) *fixture {
@@ -125,7 +128,7 @@ func newFixture(t *testing.T, edit func(*Options)) *fixture {
 	opts := Options{
 		Lookup:    func(d string) (Transfer, bool) { x, ok := f.xfer[d]; return x, ok },
 		Artifacts: f.arts,
-		Publisher: f.pub,
+		Sender:    f.pub,
 		Logger:    slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo})),
 	}
 	if edit != nil {
@@ -144,7 +147,7 @@ func request(job string, off int64, n int) []byte {
 	return b
 }
 
-// one handles a request and returns the single frame it published.
+// one handles a request and returns the single frame it sent.
 func (f *fixture) one(t *testing.T, device string, payload []byte) protocol.Frame {
 	t.Helper()
 	f.srv.Handle(device, payload)
@@ -152,9 +155,13 @@ func (f *fixture) one(t *testing.T, device string, payload []byte) protocol.Fram
 	if len(msgs) != 1 {
 		t.Fatalf("got %d messages, want 1", len(msgs))
 	}
-	m := msgs[0]
-	if want := protocol.Topic(device, protocol.SuffixChunk); m.topic != want || m.qos != 0 {
-		t.Fatalf("published on %q qos %d, want %q qos 0", m.topic, m.qos, want)
+	return parse(t, device, msgs[0])
+}
+
+func parse(t *testing.T, device string, m sent) protocol.Frame {
+	t.Helper()
+	if want := protocol.Topic(device, protocol.SuffixChunk); m.topic != want {
+		t.Fatalf("sent on %q, want %q", m.topic, want)
 	}
 	fr, err := protocol.ParseFrame(m.payload)
 	if err != nil {
@@ -163,10 +170,32 @@ func (f *fixture) one(t *testing.T, device string, payload []byte) protocol.Fram
 	return fr
 }
 
+// code is a frame's error code, "" for data.
+func code(fr protocol.Frame) string {
+	if fr.Kind == protocol.FrameError {
+		return string(fr.Payload)
+	}
+	return ""
+}
+
+// within waits for ch to be closed or to deliver, failing the test after a deadline instead
+// of hanging it.
+func within[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: not within 10 s", what)
+	}
+	var zero T
+	return zero
+}
+
 func TestDownloadMatchesImage(t *testing.T) {
-	for _, chunk := range []int{protocol.MinChunkSize, 4 << 10, protocol.DefaultChunkSize, protocol.MaxChunkSize} {
+	for _, chunk := range []int{protocol.MinChunkSize, 4 << 10, 16 << 10, protocol.MaxChunkSize} {
 		t.Run(fmt.Sprintf("%dKiB", chunk>>10), func(t *testing.T) {
-			f := newFixture(t, func(o *Options) { o.MaxInflightPerDevice = math.MaxInt64 / 2; o.MaxInflightTotal = math.MaxInt64 / 2 })
+			f := newFixture(t, nil)
 			x := f.xfer["dev-1"]
 			x.ChunkMax = chunk
 			f.xfer["dev-1"] = x
@@ -183,8 +212,8 @@ func TestDownloadMatchesImage(t *testing.T) {
 			}
 			st := f.srv.Stats()
 			wantChunks := (x.Size + int64(chunk) - 1) / int64(chunk)
-			if st.Chunks != uint64(wantChunks) || st.Bytes != uint64(x.Size) || st.Requests != uint64(wantChunks) {
-				t.Fatalf("got stats %+v, want %d chunks of %d bytes", st, wantChunks, x.Size)
+			if st.Chunks != uint64(wantChunks) || st.Bytes != uint64(x.Size) || st.Requests != uint64(wantChunks) || st.Inflight != 0 {
+				t.Fatalf("got stats %+v, want %d chunks of %d bytes and none in flight", st, wantChunks, x.Size)
 			}
 		})
 	}
@@ -248,8 +277,8 @@ func TestErrorFrames(t *testing.T) {
 			}
 		})
 	}
-	if st := f.srv.Stats(); st.Chunks != 0 || st.Inflight != 0 {
-		t.Fatalf("got %d chunks served and %d bytes in flight, want none", st.Chunks, st.Inflight)
+	if st := f.srv.Stats(); st.Chunks != 0 || st.Inflight != 0 || st.BusyTotal != 0 || st.BusyRate != 0 {
+		t.Fatalf("got %d chunks served, %d bytes in flight, busy %d (total) %d (rate); want none", st.Chunks, st.Inflight, st.BusyTotal, st.BusyRate)
 	}
 }
 
@@ -264,12 +293,13 @@ func TestReadFailures(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newFixture(t, nil)
 			tt.set(f.arts)
-			fr := f.one(t, "dev-1", request("r1-1", 0, 4096))
-			if fr.Kind != protocol.FrameError || string(fr.Payload) != protocol.ErrCodeInternal {
-				t.Fatalf("got kind %d %q, want error %q", fr.Kind, fr.Payload, protocol.ErrCodeInternal)
+			fr := f.one(t, "dev-1", request("r1-1", 4096, 4096))
+			if fr.Kind != protocol.FrameError || string(fr.Payload) != protocol.ErrCodeInternal || fr.Offset != 4096 {
+				t.Fatalf("got kind %d %q at %d, want error %q at 4096", fr.Kind, fr.Payload, fr.Offset, protocol.ErrCodeInternal)
 			}
-			if got := f.srv.Stats().Inflight; got != 0 {
-				t.Fatalf("got %d bytes in flight after a failed read, want 0", got)
+			if st := f.srv.Stats(); st.Inflight != 0 || st.Chunks != 0 || st.ErrorFrames[protocol.ErrCodeInternal] != 1 {
+				t.Fatalf("got %d bytes in flight, %d chunks, %d internal errors after a failed read; want 0, 0, 1",
+					st.Inflight, st.Chunks, st.ErrorFrames[protocol.ErrCodeInternal])
 			}
 		})
 	}
@@ -319,43 +349,198 @@ func TestBadRequestsAreDropped(t *testing.T) {
 	}
 }
 
+// counter is a Sender that keeps nothing: it counts messages.
+type counter struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (c *counter) Send(string, []byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.n++
+	return nil
+}
+
+func (c *counter) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
 func FuzzHandle(f *testing.F) {
 	for _, s := range []string{`{"job":"r1-1","off":0,"len":1024}`, `{"job":"r1-1","off":296755,"len":65536}`, `{"off":-1}`, `null`, `{`} {
 		f.Add(s)
 	}
 	im := loadImage(f, "pybricks-primehub-7.28.0.bin")
+	out := &counter{}
 	srv, err := New(Options{
 		Lookup: func(string) (Transfer, bool) {
 			return Transfer{Job: "r1-1", ID: 1, SHA256: im.sha, Size: int64(len(im.data)), ChunkMax: 64 << 10}, true
 		},
-		Artifacts: &artifacts{images: map[string]*image{im.sha: im}},
-		Publisher: &recorder{},
-		Logger:    slog.New(slog.DiscardHandler),
+		Artifacts:  &artifacts{images: map[string]*image{im.sha: im}},
+		Sender:     out,
+		Logger:     slog.New(slog.DiscardHandler),
+		DeviceRate: 1 << 40, // the limiter's arithmetic too, without waits
 	})
 	if err != nil {
 		f.Fatal(err)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
+		before := out.count()
 		srv.Handle("dev-1", []byte(s))
+		if n := out.count() - before; n > 1 {
+			t.Fatalf("%q: got %d messages, want at most 1", s, n)
+		}
+		if got := srv.Stats().Inflight; got != 0 {
+			t.Fatalf("%q: got %d bytes in flight after Handle, want 0", s, got)
+		}
 	})
 }
 
-func TestPublishFailureIsCountedAndRefunded(t *testing.T) {
+func TestSendFailureIsCounted(t *testing.T) {
 	f := newFixture(t, nil)
-	f.pub.fail = errors.New("broker closed")
+	f.pub.fail = errors.New("write timeout")
 	f.srv.Handle("dev-1", request("r1-1", 0, 4096))
 	f.srv.Handle("dev-2", request("r1-1", 0, 4096)) // an error frame that cannot go out either
 	st := f.srv.Stats()
-	if st.Dropped != 2 || st.Chunks != 0 || st.Inflight != 0 {
-		t.Fatalf("got dropped %d, chunks %d, in flight %d; want 2, 0, 0", st.Dropped, st.Chunks, st.Inflight)
+	if st.Dropped != 2 || st.Chunks != 0 || st.Bytes != 0 || st.Inflight != 0 {
+		t.Fatalf("got dropped %d, chunks %d, bytes %d, in flight %d; want 2, 0, 0, 0", st.Dropped, st.Chunks, st.Bytes, st.Inflight)
 	}
 }
 
-// clock is a fake time source for the ledger.
+// TestMaxInflight holds devices' frames in Send and checks that MaxInflight is an exact bound
+// on the frame bytes held, and that what goes over it is answered "busy".
+func TestMaxInflight(t *testing.T) {
+	const frame = protocol.FrameHeaderSize + protocol.MaxChunkSize
+	const limit = 3*frame + 100
+	f := newFixture(t, func(o *Options) { o.MaxInflight = limit })
+	x := f.xfer["dev-1"]
+	x.ChunkMax = protocol.MaxChunkSize
+	for _, d := range []string{"big-0", "big-1", "big-2", "small", "tiny"} {
+		f.xfer[d] = x
+	}
+	f.pub.hold = make(chan struct{})
+	f.pub.in = make(chan string)
+	var wg sync.WaitGroup
+	// handle starts a request and returns the topic of the data frame it is sending, or ""
+	// when it returned without one.
+	handle := func(device string, off int64, n int) string {
+		t.Helper()
+		done := make(chan struct{})
+		wg.Go(func() {
+			defer close(done)
+			f.srv.Handle(device, request(x.Job, off, n))
+		})
+		select {
+		case topic := <-f.pub.in:
+			return topic
+		case <-done:
+			return ""
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: Handle neither sent a frame nor returned within 10 s", device)
+			return ""
+		}
+	}
+	start := func(device string, off int64, n int) {
+		t.Helper()
+		got, want := handle(device, off, n), protocol.Topic(device, protocol.SuffixChunk)
+		if got == "" {
+			answer := ""
+			if msgs := f.pub.take(); len(msgs) == 1 {
+				answer = code(parse(t, device, msgs[0]))
+			}
+			t.Fatalf("%s: Handle returned with answer %q, want a data frame being sent", device, answer)
+		}
+		if got != want {
+			t.Fatalf("%s: got a data frame on %q, want one on %q", device, got, want)
+		}
+	}
+	released := false
+	t.Cleanup(func() { // after a failure: let every Handle finish
+		if !released {
+			close(f.pub.hold)
+		}
+		idle := make(chan struct{})
+		go func() { wg.Wait(); close(idle) }()
+		for {
+			select {
+			case <-f.pub.in:
+			case <-idle:
+				return
+			}
+		}
+	})
+	inflight := func(want int64) {
+		t.Helper()
+		if got := f.srv.Stats().Inflight; got != want {
+			t.Fatalf("got %d bytes in flight, want %d", got, want)
+		}
+	}
+	busy := func(device string, off int64, n int, wantTotal uint64) {
+		t.Helper()
+		before := f.srv.Stats().Inflight
+		if topic := handle(device, off, n); topic != "" {
+			t.Fatalf("%s: got a data frame on %q, want busy", device, topic)
+		}
+		msgs := f.pub.take()
+		if len(msgs) != 1 {
+			t.Fatalf("%s: got %d messages, want 1", device, len(msgs))
+		}
+		fr := parse(t, device, msgs[0])
+		if code(fr) != protocol.ErrCodeBusy || int64(fr.Offset) != off || fr.Transfer != x.ID {
+			t.Fatalf("%s: got kind %d %q at %d, want busy at %d", device, fr.Kind, fr.Payload, fr.Offset, off)
+		}
+		if st := f.srv.Stats(); st.BusyTotal != wantTotal || st.ErrorFrames[protocol.ErrCodeBusy] != wantTotal || st.Inflight != before {
+			t.Fatalf("%s: got busy %d (%d frames), %d bytes in flight; want %d, %d", device, st.BusyTotal, st.ErrorFrames[protocol.ErrCodeBusy], st.Inflight, wantTotal, before)
+		}
+	}
+
+	for i := range 3 {
+		start(fmt.Sprint("big-", i), int64(i)*protocol.MaxChunkSize, protocol.MaxChunkSize)
+		inflight(int64(i+1) * frame)
+	}
+	busy("small", 1000, 81, 1) // a frame of 101 bytes: one over
+	start("small", 1000, 80)   // exactly the 100 left
+	inflight(limit)
+	busy("tiny", 2000, 1, 2)
+
+	close(f.pub.hold)
+	released = true
+	wg.Wait()
+	inflight(0)
+	got := make(map[string]protocol.Frame)
+	for _, m := range f.pub.take() {
+		d, _, _ := protocol.ParseTopic(m.topic)
+		got[d] = parse(t, d, m)
+	}
+	for d, want := range map[string][2]int{"big-0": {0, protocol.MaxChunkSize}, "big-1": {protocol.MaxChunkSize, protocol.MaxChunkSize}, "big-2": {2 * protocol.MaxChunkSize, protocol.MaxChunkSize}, "small": {1000, 80}} {
+		fr, ok := got[d]
+		if !ok || fr.Kind != protocol.FrameData || int(fr.Offset) != want[0] || !bytes.Equal(fr.Payload, f.im.data[want[0]:want[0]+want[1]]) {
+			t.Errorf("%s: got kind %d at %d, %d bytes (sent %v); want data at %d, %d bytes of the image", d, fr.Kind, fr.Offset, len(fr.Payload), ok, want[0], want[1])
+		}
+	}
+	if len(got) != 4 {
+		t.Errorf("got frames for %d devices, want 4", len(got))
+	}
+
+	// With the frames written there is room again.
+	f.pub.in = nil
+	if fr := f.one(t, "tiny", request(x.Job, 2000, 1)); fr.Kind != protocol.FrameData {
+		t.Fatalf("after release: got kind %d %q, want data", fr.Kind, fr.Payload)
+	}
+	if st := f.srv.Stats(); st.BusyTotal != 2 || st.Chunks != 5 || st.Inflight != 0 {
+		t.Fatalf("got busy %d, chunks %d, in flight %d; want 2, 5, 0", st.BusyTotal, st.Chunks, st.Inflight)
+	}
+}
+
+// clock is a fake time source for the rate limiter.
 type clock struct {
 	mu sync.Mutex
 	t  time.Time
 }
+
+func newClock() *clock { return &clock{t: time.Unix(1e9, 0)} }
 
 func (c *clock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
 func (c *clock) add(d time.Duration) {
@@ -364,248 +549,293 @@ func (c *clock) add(d time.Duration) {
 	c.t = c.t.Add(d)
 }
 
-func TestLimitsAnswerBusy(t *testing.T) {
-	const chunk = 16 << 10
-	const frame = chunk + protocol.FrameHeaderSize
-	const rate = 32 << 10 // bytes per second: a frame takes 0.5 s, too long to pace
-	f := newFixture(t, func(o *Options) {
-		o.MaxInflightPerDevice = 2 * frame
-		o.MaxInflightTotal = 3 * frame
-		o.DeviceRate = rate
-	})
-	clk := &clock{t: time.Unix(1e9, 0)}
-	f.srv.led = newLedger(f.srv.opts.MaxInflightPerDevice, f.srv.opts.MaxInflightTotal, rate, clk.now)
-	x := f.xfer["dev-1"]
-	f.xfer["dev-2"] = x
-	f.xfer["dev-3"] = x
+// pauses replaces Server.pause: it records the waits asked for and, when advance is set,
+// lets that much fake time pass, as a device that waits its turn sees.
+type pauses struct {
+	clk     *clock
+	advance bool
 
-	type step struct {
-		device string
-		after  time.Duration // clock advance before the request
-		want   string        // "" for data
-	}
-	frameTime := time.Duration(frame)*time.Second/rate + time.Microsecond
-	steps := []step{
-		{"dev-1", 0, ""},
-		{"dev-1", 0, ""},
-		{"dev-1", 0, protocol.ErrCodeBusy}, // per device: two frames
-		{"dev-2", 0, ""},
-		{"dev-2", 0, protocol.ErrCodeBusy}, // total: three frames
-		{"dev-3", 0, protocol.ErrCodeBusy},
-		{"dev-1", frameTime, ""}, // one frame drained from each device, so the total has room for one
-		{"dev-3", 0, ""},
-		{"dev-3", 0, protocol.ErrCodeBusy},
-		{"dev-3", time.Hour, ""}, // everything drained
-		{"dev-1", 0, ""},
-		{"dev-2", 0, ""},
-	}
-	for i, s := range steps {
-		clk.add(s.after)
-		fr := f.one(t, s.device, request(x.Job, int64(i)*chunk, chunk))
-		got := ""
-		if fr.Kind == protocol.FrameError {
-			got = string(fr.Payload)
-		}
-		if got != s.want {
-			t.Fatalf("step %d (%s): got %q, want %q", i, s.device, got, s.want)
-		}
-	}
-	st := f.srv.Stats()
-	if st.BusyDevice != 1 || st.BusyTotal != 3 || st.ErrorFrames[protocol.ErrCodeBusy] != 4 {
-		t.Fatalf("got busy device %d, total %d, frames %d; want 1, 3, 4", st.BusyDevice, st.BusyTotal, st.ErrorFrames[protocol.ErrCodeBusy])
-	}
-	if want := int64(3 * frame); st.Inflight != want {
-		t.Fatalf("got %d bytes in flight, want %d", st.Inflight, want)
-	}
-	clk.add(time.Hour)
-	if st := f.srv.Stats(); st.Inflight != 0 || len(f.srv.led.devices) != 0 {
-		t.Fatalf("after an hour: got %d bytes in flight and %d accounts, want none", st.Inflight, len(f.srv.led.devices))
-	}
+	mu    sync.Mutex
+	asked []time.Duration
 }
 
-func TestLedgerDrainsAtDeviceRate(t *testing.T) {
-	clk := &clock{t: time.Unix(1e9, 0)}
-	l := newLedger(1000, 1500, 1000, clk.now) // 1000 bytes per second: 1 ms per byte
-	for i, tt := range []struct {
-		device string
-		after  time.Duration
-		n      int64
-		want   verdict
-		delay  time.Duration
-	}{
-		{"a", 0, 1000, admitted, 0},
-		{"a", 0, 1, admitted, time.Millisecond},                        // paced: fits once a byte drained
-		{"a", 0, 300, overDevice, 0},                                   // would wait 301 ms, above paceMax
-		{"a", 100 * time.Millisecond, 100, admitted, time.Millisecond}, // 100 bytes drained
-		{"a", 2 * time.Second, 1000, admitted, 0},                      // empty again
-		{"b", 0, 600, overTotal, 0},
-		{"b", 0, 500, admitted, 0},
-	} {
-		clk.add(tt.after)
-		v, d := l.reserve(tt.device, tt.n)
-		if v != tt.want || d != tt.delay {
-			t.Fatalf("step %d: after %v, reserve %d: got %v, %v; want %v, %v", i, tt.after, tt.n, v, d, tt.want, tt.delay)
-		}
+func (p *pauses) pause(d time.Duration) bool {
+	p.mu.Lock()
+	p.asked = append(p.asked, d)
+	p.mu.Unlock()
+	if p.advance {
+		p.clk.add(d)
 	}
-	if got := l.devices["a"].queued; got != 2 {
-		t.Fatalf("got %d frames held, want 2", got)
-	}
-	l.sent("a")
-	l.sent("a")
-	l.refund("a", 1000)
-	l.refund("b", 500)
-	if got := l.inflight(); got != 0 {
-		t.Fatalf("after refund: got %d in flight, want 0", got)
-	}
-	if len(l.devices) != 0 {
-		t.Fatalf("got %d accounts, want the empty ones forgotten", len(l.devices))
-	}
-}
-
-// fakeTimers replaces time.AfterFunc: the test fires what was scheduled.
-type fakeTimers struct {
-	mu      sync.Mutex
-	pending []*fakeTimer
-}
-
-type fakeTimer struct {
-	d       time.Duration
-	f       func()
-	stopped bool
-}
-
-func (ft *fakeTimer) Stop() bool {
-	if ft.stopped {
-		return false
-	}
-	ft.stopped = true
 	return true
 }
 
-func (ts *fakeTimers) after(d time.Duration, f func()) timer {
-	ts.mu.Lock()
-	defer ts.mu.Unlock()
-	ft := &fakeTimer{d: d, f: f}
-	ts.pending = append(ts.pending, ft)
-	return ft
+func (p *pauses) take() []time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	a := p.asked
+	p.asked = nil
+	return a
 }
 
-// fire runs every scheduled function, stopped ones too (a timer that fired as it was stopped).
-func (ts *fakeTimers) fire() int {
-	ts.mu.Lock()
-	p := ts.pending
-	ts.pending = nil
-	ts.mu.Unlock()
-	for _, ft := range p {
-		ft.f()
+// Capped devices below: 100,000 bytes per second, so that a frame of 10,000 bytes (9,980 of
+// payload) is 100 ms exactly, and a burst of seven such frames.
+const (
+	capRate    = 100_000
+	capBurst   = 70_000
+	capPayload = 10_000 - protocol.FrameHeaderSize
+	capFrame   = 100 * time.Millisecond
+)
+
+// newCapped returns a fixture with DeviceRate on a fake clock and s.pause replaced.
+func newCapped(t *testing.T, advance bool) (*fixture, *clock, *pauses) {
+	t.Helper()
+	f := newFixture(t, func(o *Options) { o.DeviceRate = capRate; o.DeviceBurst = capBurst })
+	clk := newClock()
+	f.srv.rate = newRateLimiter(capRate, capBurst, clk.now)
+	p := &pauses{clk: clk, advance: advance}
+	f.srv.pause = p.pause
+	return f, clk, p
+}
+
+func TestFastDeviceIsPacedThenBusy(t *testing.T) {
+	type step struct {
+		after time.Duration // fake time passing before the request
+		want  string        // "" for data
+		wait  time.Duration // pause asked for; 0: none
 	}
-	return len(p)
+	for _, tt := range []struct {
+		name    string
+		advance bool
+		steps   []step
+	}{
+		{
+			// Requests arriving faster than the device waits (time stands still): each wait is
+			// a frame longer than the last until one would be above 250 ms.
+			name: "requests at once",
+			steps: []step{
+				{0, "", 0}, {0, "", 0}, {0, "", 0}, {0, "", 0}, {0, "", 0}, {0, "", 0}, {0, "", 0}, // the burst
+				{0, "", capFrame},
+				{0, "", 2 * capFrame},
+				{0, protocol.ErrCodeBusy, 0}, // would wait 300 ms
+				{0, protocol.ErrCodeBusy, 0}, // the refused one took nothing: still 300 ms
+				{capFrame, "", 2 * capFrame},
+				{time.Hour, "", 0},
+			},
+		},
+		{
+			// A device that waits its turn is paced a frame at a time and never refused.
+			name:    "device waits its turn",
+			advance: true,
+			steps: func() []step {
+				s := make([]step, 7, 29) // 29 frames fit in the image
+				for range 22 {
+					s = append(s, step{0, "", capFrame})
+				}
+				return s
+			}(),
+		},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f, clk, p := newCapped(t, tt.advance)
+			x := f.xfer["dev-1"]
+			var paced, busy, chunks uint64
+			for i, s := range tt.steps {
+				clk.add(s.after)
+				off := int64(i) * capPayload
+				fr := f.one(t, "dev-1", request(x.Job, off, capPayload))
+				if got := code(fr); got != s.want || int64(fr.Offset) != off {
+					t.Fatalf("step %d: got %q at %d, want %q at %d", i, got, fr.Offset, s.want, off)
+				}
+				if s.want == "" && !bytes.Equal(fr.Payload, f.im.data[off:off+capPayload]) {
+					t.Fatalf("step %d: payload differs from the image", i)
+				}
+				var want []time.Duration
+				if s.wait > 0 {
+					want = []time.Duration{s.wait}
+					paced++
+				}
+				if s.want == protocol.ErrCodeBusy {
+					busy++
+				} else {
+					chunks++
+				}
+				if got := p.take(); fmt.Sprint(got) != fmt.Sprint(want) {
+					t.Fatalf("step %d: got pauses %v, want %v", i, got, want)
+				}
+			}
+			st := f.srv.Stats()
+			if st.Paced != paced || st.BusyRate != busy || st.BusyTotal != 0 || st.Chunks != chunks || st.ErrorFrames[protocol.ErrCodeBusy] != busy {
+				t.Fatalf("got paced %d, busy %d (rate) %d (total), chunks %d; want %d, %d, 0, %d", st.Paced, st.BusyRate, st.BusyTotal, st.Chunks, paced, busy, chunks)
+			}
+		})
+	}
 }
 
-func TestFastDeviceIsPacedNotRefused(t *testing.T) {
-	const chunk = 16 << 10
-	const frame = chunk + protocol.FrameHeaderSize
-	const rate = 4 << 20
-	f := newFixture(t, func(o *Options) {
-		o.MaxInflightPerDevice = 2 * frame
-		o.DeviceRate = rate
-	})
-	clk := &clock{t: time.Unix(1e9, 0)}
-	f.srv.led = newLedger(f.srv.opts.MaxInflightPerDevice, f.srv.opts.MaxInflightTotal, rate, clk.now)
-	timers := &fakeTimers{}
-	f.srv.after = timers.after
+// TestRefusedRequestsAreRefunded checks that a capped device is not charged for a frame it
+// did not get.
+func TestRefusedRequestsAreRefunded(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		fail func(*fixture) (undo func())
+		want string // the answer: "" for none
+	}{
+		{"read error", func(f *fixture) func() {
+			f.arts.fail = errors.New("disk on fire")
+			return func() { f.arts.fail = nil }
+		}, protocol.ErrCodeInternal},
+		{"short read", func(f *fixture) func() {
+			f.arts.short = true
+			return func() { f.arts.short = false }
+		}, protocol.ErrCodeInternal},
+		{"send failure", func(f *fixture) func() {
+			f.pub.fail = errors.New("write timeout")
+			return func() { f.pub.fail = nil }
+		}, ""},
+		{"over MaxInflight", func(f *fixture) func() {
+			// As if other devices held every byte: TestMaxInflight holds them for real.
+			f.srv.inflight.Store(f.srv.opts.MaxInflight)
+			return func() { f.srv.inflight.Store(0) }
+		}, protocol.ErrCodeBusy},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f, _, p := newCapped(t, false)
+			x := f.xfer["dev-1"]
+			f.one(t, "dev-1", request(x.Job, 0, capPayload))
+			charged := f.srv.rate.clear["dev-1"]
+			if want := newClock().now().Add(capFrame); !charged.Equal(want) {
+				t.Fatalf("after one frame: got bucket empty at %v, want %v", charged, want)
+			}
+			undo := tt.fail(f)
+			f.srv.Handle("dev-1", request(x.Job, capPayload, capPayload))
+			undo()
+			msgs := f.pub.take()
+			got := ""
+			if len(msgs) == 1 {
+				got = code(parse(t, "dev-1", msgs[0]))
+			}
+			if (tt.want == "") != (len(msgs) == 0) || got != tt.want {
+				t.Fatalf("got %d messages (%q), want answer %q", len(msgs), got, tt.want)
+			}
+			if got := f.srv.rate.clear["dev-1"]; !got.Equal(charged) {
+				t.Fatalf("got bucket empty at %v, want %v as before the refused request", got, charged)
+			}
+			// And the rate still charges what goes out: the burst less the first frame, then
+			// a wait of one frame.
+			for i := 2; i < 9; i++ {
+				if fr := f.one(t, "dev-1", request(x.Job, int64(i)*capPayload, capPayload)); fr.Kind != protocol.FrameData {
+					t.Fatalf("request %d: got kind %d %q, want data", i, fr.Kind, fr.Payload)
+				}
+			}
+			if got, want := fmt.Sprint(p.take()), fmt.Sprint([]time.Duration{capFrame}); got != want {
+				t.Fatalf("got pauses %v, want %v", got, want)
+			}
+			if st := f.srv.Stats(); st.Inflight != 0 {
+				t.Fatalf("got %d bytes in flight, want 0", st.Inflight)
+			}
+		})
+	}
+}
+
+// TestCloseEndsPause closes the server while a capped request waits in the real pause.
+func TestCloseEndsPause(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.DeviceRate = capRate; o.DeviceBurst = capBurst })
+	clk := newClock()
+	f.srv.rate = newRateLimiter(capRate, capBurst, clk.now)
 	x := f.xfer["dev-1"]
-
-	// Two frames fit at once; the next maxQueued wait their turn; one more is refused.
-	for i := range 2 + maxQueued + 1 {
-		f.srv.Handle("dev-1", request(x.Job, int64(i)*chunk, chunk))
-	}
-	msgs := f.pub.take()
-	if len(msgs) != 3 {
-		t.Fatalf("got %d frames at once, want 2 data and 1 busy", len(msgs))
-	}
-	if fr, _ := protocol.ParseFrame(msgs[2].payload); fr.Kind != protocol.FrameError || string(fr.Payload) != protocol.ErrCodeBusy || fr.Offset != (2+maxQueued)*chunk {
-		t.Fatalf("got kind %d %q at %d, want busy at %d", fr.Kind, fr.Payload, fr.Offset, (2+maxQueued)*chunk)
-	}
-	frameTime := time.Duration(frame) * time.Second / rate
-	for i, ft := range timers.pending {
-		if want := time.Duration(i+1) * frameTime; ft.d < want-time.Microsecond || ft.d > want+time.Microsecond {
-			t.Fatalf("paced frame %d: got delay %v, want %v", i, ft.d, want)
+	x.ChunkMax = protocol.MaxChunkSize
+	f.xfer["dev-1"] = x
+	for i := range 7 { // the burst: no pause
+		if fr := f.one(t, "dev-1", request(x.Job, int64(i)*capPayload, capPayload)); fr.Kind != protocol.FrameData {
+			t.Fatalf("request %d: got kind %d %q, want data", i, fr.Kind, fr.Payload)
 		}
 	}
-	if st := f.srv.Stats(); st.Paced != maxQueued || st.BusyDevice != 1 {
-		t.Fatalf("got paced %d, busy %d; want %d, 1", st.Paced, st.BusyDevice, maxQueued)
+	// The real pause, but for longer than any request waits, so that only Close can end it.
+	wait := f.srv.pause
+	asked := make(chan time.Duration, 1)
+	f.srv.pause = func(d time.Duration) bool {
+		asked <- d
+		return wait(time.Hour)
 	}
-	if n := timers.fire(); n != maxQueued {
-		t.Fatalf("fired %d timers, want %d", n, maxQueued)
-	}
-	for i, m := range f.pub.take() {
-		fr, err := protocol.ParseFrame(m.payload)
-		off := (2 + i) * chunk
-		if err != nil || fr.Kind != protocol.FrameData || int(fr.Offset) != off || !bytes.Equal(fr.Payload, f.im.data[off:off+chunk]) {
-			t.Fatalf("paced frame %d: got kind %d offset %d (%v), want data at %d", i, fr.Kind, fr.Offset, err, off)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		// A frame of 25,000 bytes: 250 ms at the rate, the longest a request waits.
+		f.srv.Handle("dev-1", request(x.Job, 7*capPayload, 25_000-protocol.FrameHeaderSize))
+	}()
+	select {
+	case got := <-asked:
+		if got != paceMax {
+			t.Fatalf("got a pause of %v, want %v", got, paceMax)
 		}
+	case <-done:
+		t.Fatalf("Handle returned without a pause (%d messages), want a pause of %v", len(f.pub.take()), paceMax)
+	case <-time.After(10 * time.Second):
+		t.Fatal("no pause within 10 s")
 	}
-	if got := f.srv.led.devices["dev-1"].queued; got != 0 {
-		t.Fatalf("got %d frames held after they were sent, want 0", got)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := f.srv.Close(ctx); err != nil {
+		t.Fatalf("Close with a request in pause: got %v, want nil", err)
 	}
-
-	// Close drops what is still held, and a timer that fires anyway sends nothing.
-	clk.add(time.Hour)
-	for i := range 3 {
-		f.srv.Handle("dev-1", request(x.Job, int64(i)*chunk, chunk))
-	}
-	f.pub.take()
-	held := timers.pending
-	if err := f.srv.Close(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	if len(held) != 1 || !held[0].stopped {
-		t.Fatalf("got %d held frames, stopped %v; want 1 stopped", len(held), len(held) == 1 && held[0].stopped)
-	}
-	timers.fire()
+	within(t, done, "Handle to return")
 	if msgs := f.pub.take(); len(msgs) != 0 {
-		t.Fatalf("after Close: got %d frames, want none", len(msgs))
+		t.Fatalf("after Close: got %d messages, want none", len(msgs))
+	}
+	if st := f.srv.Stats(); st.Chunks != 7 || st.Paced != 1 || st.Inflight != 0 {
+		t.Fatalf("got chunks %d, paced %d, in flight %d; want 7, 1, 0", st.Chunks, st.Paced, st.Inflight)
 	}
 }
 
 func TestCloseWaitsForHandle(t *testing.T) {
 	f := newFixture(t, nil)
 	f.pub.hold = make(chan struct{})
-	f.pub.in = make(chan struct{}, 1)
+	f.pub.in = make(chan string, 1)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		f.srv.Handle("dev-1", request("r1-1", 0, 1024))
 	}()
-	<-f.pub.in // Handle is inside Publish
+	within(t, f.pub.in, "Handle in Send")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 	defer cancel()
 	if err := f.srv.Close(ctx); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Close with a Handle in progress: got %v, want DeadlineExceeded", err)
+		t.Fatalf("Close with a Handle in Send: got %v, want DeadlineExceeded", err)
+	}
+	select {
+	case <-done:
+		t.Fatal("Handle returned while its Send was blocked")
+	default:
 	}
 	close(f.pub.hold)
-	<-done
+	within(t, done, "Handle to return")
 	if err := f.srv.Close(context.Background()); err != nil {
-		t.Fatalf("Close: %v", err)
+		t.Fatalf("Close: got %v, want nil", err)
 	}
-	f.pub.take()
+	if msgs := f.pub.take(); len(msgs) != 1 {
+		t.Fatalf("got %d messages from the Handle in progress, want 1", len(msgs))
+	}
 	f.pub.in = nil
+	requests := f.srv.Stats().Requests
 	f.srv.Handle("dev-1", request("r1-1", 0, 1024))
+	f.srv.Handle("dev-2", request("r1-1", 0, 1024)) // no error frame either
 	if msgs := f.pub.take(); len(msgs) != 0 {
 		t.Fatalf("after Close: got %d messages, want none", len(msgs))
 	}
+	if st := f.srv.Stats(); st.Requests != requests || st.Inflight != 0 {
+		t.Fatalf("after Close: got %d requests, %d in flight; want %d, 0", st.Requests, st.Inflight, requests)
+	}
 	if err := f.srv.Close(context.Background()); err != nil {
-		t.Fatalf("second Close: %v", err)
+		t.Fatalf("second Close: got %v, want nil", err)
 	}
 }
 
-func TestNewRefusesBadOptions(t *testing.T) {
+func TestNewOptions(t *testing.T) {
+	const frame = protocol.FrameHeaderSize + protocol.MaxChunkSize
 	ok := Options{
 		Lookup:    func(string) (Transfer, bool) { return Transfer{}, false },
 		Artifacts: &artifacts{},
-		Publisher: &recorder{},
+		Sender:    &recorder{},
 	}
 	for _, tt := range []struct {
 		name string
@@ -613,10 +843,12 @@ func TestNewRefusesBadOptions(t *testing.T) {
 	}{
 		{"no lookup", func(o *Options) { o.Lookup = nil }},
 		{"no artifacts", func(o *Options) { o.Artifacts = nil }},
-		{"no publisher", func(o *Options) { o.Publisher = nil }},
+		{"no sender", func(o *Options) { o.Sender = nil }},
+		{"negative max inflight", func(o *Options) { o.MaxInflight = -1 }},
 		{"negative rate", func(o *Options) { o.DeviceRate = -1 }},
-		{"per device below a frame", func(o *Options) { o.MaxInflightPerDevice = 100 }},
-		{"total below per device", func(o *Options) { o.MaxInflightPerDevice = 1 << 20; o.MaxInflightTotal = 1 << 19 }},
+		{"negative burst", func(o *Options) { o.DeviceBurst = -1 }},
+		{"max inflight below a frame", func(o *Options) { o.MaxInflight = frame - 1 }},
+		{"burst below a frame", func(o *Options) { o.DeviceRate = 1 << 20; o.DeviceBurst = frame - 1 }},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			o := ok
@@ -626,66 +858,147 @@ func TestNewRefusesBadOptions(t *testing.T) {
 			}
 		})
 	}
-	if _, err := New(ok); err != nil {
-		t.Fatalf("defaults: got %v, want nil", err)
+	for _, tt := range []struct {
+		name                  string
+		edit                  func(*Options)
+		inflight, rate, burst int64
+	}{
+		{"defaults", func(*Options) {}, DefaultMaxInflight, 0, DefaultDeviceBurst},
+		{"one frame", func(o *Options) { o.MaxInflight = frame }, frame, 0, DefaultDeviceBurst},
+		{"capped", func(o *Options) { o.DeviceRate = 1 << 20; o.DeviceBurst = frame }, DefaultMaxInflight, 1 << 20, frame},
+		{"burst unused without a rate", func(o *Options) { o.DeviceBurst = 1 }, DefaultMaxInflight, 0, 1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			o := ok
+			tt.edit(&o)
+			s, err := New(o)
+			if err != nil {
+				t.Fatalf("got %v, want nil", err)
+			}
+			if s.opts.MaxInflight != tt.inflight || s.opts.DeviceRate != tt.rate || s.opts.DeviceBurst != tt.burst || (s.rate != nil) != (tt.rate > 0) {
+				t.Fatalf("got max inflight %d, rate %d, burst %d, limiter %v; want %d, %d, %d, %v",
+					s.opts.MaxInflight, s.opts.DeviceRate, s.opts.DeviceBurst, s.rate != nil, tt.inflight, tt.rate, tt.burst, tt.rate > 0)
+			}
+		})
 	}
 }
 
+// TestConcurrentDevices has devices download at once under a MaxInflight that fits three of
+// their frames: nothing may ever hold more, and every device gets the whole image, asking
+// again after "busy".
 func TestConcurrentDevices(t *testing.T) {
-	f := newFixture(t, nil)
+	const chunk = 16 << 10
+	peak := &peakSender{}
+	f := newFixture(t, func(o *Options) {
+		o.MaxInflight = protocol.FrameHeaderSize + protocol.MaxChunkSize
+		o.Sender = peak
+		o.DeviceRate = 1 << 40 // the limiter under concurrent use, never waiting
+	})
+	peak.srv = f.srv
 	x := f.xfer["dev-1"]
 	devices := make([]string, 8)
 	for i := range devices {
 		devices[i] = fmt.Sprintf("dev-c%d", i)
 		f.xfer[devices[i]] = x
 	}
+	images := make([][]byte, len(devices))
+	errs := make([]error, len(devices))
 	var wg sync.WaitGroup
-	for _, d := range devices {
+	for i, d := range devices {
 		wg.Go(func() {
-			for off := int64(0); off < x.Size; off += int64(x.ChunkMax) {
-				f.srv.Handle(d, request(x.Job, off, x.ChunkMax))
+			for off, tries := int64(0), 0; off < x.Size; tries++ {
+				if tries > 10_000 {
+					errs[i] = fmt.Errorf("stuck at %d", off)
+					return
+				}
+				f.srv.Handle(d, request(x.Job, off, chunk))
+				fr, err := protocol.ParseFrame(peak.last(d))
+				switch {
+				case err != nil:
+					errs[i] = err
+					return
+				case code(fr) == protocol.ErrCodeBusy:
+					continue
+				case fr.Kind != protocol.FrameData || int64(fr.Offset) != off:
+					errs[i] = fmt.Errorf("got kind %d %q at %d, want data at %d", fr.Kind, fr.Payload, fr.Offset, off)
+					return
+				}
+				images[i] = append(images[i], fr.Payload...)
+				off += int64(len(fr.Payload))
 			}
 		})
 	}
 	wg.Wait()
-	got := make(map[string][]byte)
-	for _, m := range f.pub.take() {
-		fr, err := protocol.ParseFrame(m.payload)
-		if err != nil {
-			t.Fatal(err)
+	for i, d := range devices {
+		if errs[i] != nil {
+			t.Fatalf("%s: %v", d, errs[i])
 		}
-		if fr.Kind != protocol.FrameData {
-			continue // busy: eight devices asking at once may exceed the estimate
+		if !bytes.Equal(images[i], f.im.data) {
+			t.Fatalf("%s: got %d bytes, want the %d of the image", d, len(images[i]), len(f.im.data))
 		}
-		d, _, _ := protocol.ParseTopic(m.topic)
-		if !bytes.Equal(fr.Payload, f.im.data[fr.Offset:int(fr.Offset)+len(fr.Payload)]) {
-			t.Fatalf("%s at %d: payload differs from the image", d, fr.Offset)
-		}
-		got[d] = append(got[d], 1)
 	}
-	if len(got) != len(devices) {
-		t.Fatalf("got frames for %d devices, want %d", len(got), len(devices))
+	st := f.srv.Stats()
+	if got, want := peak.max(), f.srv.opts.MaxInflight; got > want || got < chunk+protocol.FrameHeaderSize {
+		t.Fatalf("got at most %d bytes in flight during a Send, want between one frame and %d", got, want)
 	}
+	if st.Inflight != 0 || st.BusyTotal != st.ErrorFrames[protocol.ErrCodeBusy] {
+		t.Fatalf("got %d bytes in flight, %d busy for %d busy frames; want 0 and as many", st.Inflight, st.BusyTotal, st.ErrorFrames[protocol.ErrCodeBusy])
+	}
+	t.Logf("%d busy answers, at most %d bytes in flight", st.BusyTotal, peak.max())
 }
 
-// discard is a Publisher that drops everything, to measure the server alone.
+// peakSender keeps each device's last frame and the most bytes in flight a Send saw.
+type peakSender struct {
+	srv *Server
+
+	mu    sync.Mutex
+	peak  int64
+	lasts map[string][]byte
+}
+
+func (p *peakSender) Send(topic string, payload []byte) error {
+	inflight := p.srv.inflight.Load()
+	d, _, _ := protocol.ParseTopic(topic)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.peak = max(p.peak, inflight)
+	if p.lasts == nil {
+		p.lasts = make(map[string][]byte)
+	}
+	p.lasts[d] = append(p.lasts[d][:0], payload...)
+	return nil
+}
+
+func (p *peakSender) last(device string) []byte {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return bytes.Clone(p.lasts[device])
+}
+
+func (p *peakSender) max() int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.peak
+}
+
+// discard is a Sender that drops everything, to measure the server alone.
 type discard struct{}
 
-func (discard) Publish(string, []byte, byte) error { return nil }
+func (discard) Send(string, []byte) error { return nil }
 
-// BenchmarkHandle measures one request from JSON to a published frame, the artifact read from
+// BenchmarkHandle measures one request from JSON to a written frame, the artifact read from
 // the page cache: the server's own share of a chunk's cost, without broker or network.
 func BenchmarkHandle(b *testing.B) {
 	im := loadImage(b, "pybricks-primehub-7.28.0.bin")
-	for _, chunk := range []int{protocol.MinChunkSize, protocol.DefaultChunkSize, protocol.MaxChunkSize} {
+	for _, chunk := range []int{protocol.MinChunkSize, 16 << 10, protocol.MaxChunkSize} {
 		b.Run(fmt.Sprintf("%dKiB", chunk>>10), func(b *testing.B) {
 			x := Transfer{Job: "r1-1", ID: 1, SHA256: im.sha, Size: int64(len(im.data)), ChunkMax: chunk}
 			srv, err := New(Options{
 				Lookup:     func(string) (Transfer, bool) { return x, true },
 				Artifacts:  &artifacts{images: map[string]*image{im.sha: im}},
-				Publisher:  discard{},
+				Sender:     discard{},
 				Logger:     slog.New(slog.DiscardHandler),
-				DeviceRate: 1 << 40,
+				DeviceRate: 1 << 40, // with the limiter's cost, never its waits
 			})
 			if err != nil {
 				b.Fatal(err)
@@ -699,8 +1012,8 @@ func BenchmarkHandle(b *testing.B) {
 			for i := 0; b.Loop(); i++ {
 				srv.Handle("dev-1", reqs[i%len(reqs)])
 			}
-			if st := srv.Stats(); st.Chunks == 0 || st.BusyDevice+st.BusyTotal != 0 {
-				b.Fatalf("got %+v, want chunks and no busy answers", st)
+			if st := srv.Stats(); st.Chunks == 0 || st.BusyRate+st.BusyTotal != 0 || st.Paced != 0 {
+				b.Fatalf("got %+v, want chunks and no busy or paced answers", st)
 			}
 		})
 	}

@@ -38,14 +38,13 @@ type xferResult struct {
 }
 
 type xferOutput struct {
-	ImageBytes  int64        `json:"image_bytes"`
-	Images      int          `json:"images"`
-	Rounds      int          `json:"rounds"`
-	DeviceRate  int64        `json:"device_rate"`
-	MaxInflight int64        `json:"max_inflight_per_device"`
-	Results     []xferResult `json:"results"`
-	Busy        int          `json:"busy"`
-	Reasks      int          `json:"reasks"`
+	ImageBytes int64        `json:"image_bytes"`
+	Images     int          `json:"images"`
+	Rounds     int          `json:"rounds"`
+	DeviceRate int64        `json:"device_rate"`
+	Results    []xferResult `json:"results"`
+	Busy       int          `json:"busy"`
+	Reasks     int          `json:"reasks"`
 }
 
 func (o xferOutput) get(method string) (xferResult, error) {
@@ -62,61 +61,35 @@ func figTransfer(ctx context.Context, s *suite) (string, error) {
 	args := []string{cfg.transferBin, "-firmware", targetImage(cfg),
 		"-chunks", fmt.Sprint(protocol.DefaultChunkSize >> 10), "-windows", fmt.Sprint(protocol.DefaultWindow),
 		"-rounds", fmt.Sprint(cfg.xferRounds), "-images", fmt.Sprint(cfg.xferImages)}
-	var open, paced xferOutput
-	if err := runJSON(ctx, 20*time.Minute, &open, args...); err != nil {
+	var out xferOutput
+	if err := runJSON(ctx, 20*time.Minute, &out, args...); err != nil {
 		return "", err
 	}
-	// The shipped server paces each device at transfer.DefaultDeviceRate.
-	if err := runJSON(ctx, 20*time.Minute, &paced, append(args, "-device-rate", "0")...); err != nil {
-		return "", err
-	}
-	var rows [4]xferResult
-	var err error
-	if rows[0], err = open.get("MQTT"); err != nil {
-		return "", err
-	}
-	if rows[1], err = paced.get("MQTT"); err != nil {
-		return "", err
-	}
-	if rows[2], err = open.get("HTTPS"); err != nil {
-		return "", err
-	}
-	if rows[3], err = open.get("raw TLS"); err != nil {
-		return "", err
-	}
-	pacedHTTPS, err := paced.get("HTTPS")
-	if err != nil {
-		return "", err
+	var rows [3]xferResult
+	for i, method := range []string{"MQTT", "HTTPS", "raw TLS"} {
+		var err error
+		if rows[i], err = out.get(method); err != nil {
+			return "", err
+		}
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "One device downloads the %s-byte image of pybricks primehub 7.28.0 %d times per measurement on a connection already open; "+
 		"median of %d round(s), the methods interleaved in each round (bench/transfer). "+
-		"fota's path is the embedded broker and the transfer server as `fota serve` wires them, mutual TLS, the protocol's default chunk size (%d KiB) and window (%d), "+
+		"fota's path is the embedded broker and the transfer server as `fota serve` wires them (no per-device rate cap), mutual TLS, the protocol's default chunk size (%d KiB) and window (%d), "+
 		"the device checking the CRC of every frame. HTTPS is Go's net/http (HTTP/1.1, mutual TLS, same certificates); raw TLS writes the image on a TLS socket. "+
 		"Client and server share one process, so CPU is both together, in cores.\n\n",
-		thousands(open.ImageBytes), open.Images, open.Rounds, protocol.DefaultChunkSize>>10, protocol.DefaultWindow)
+		thousands(out.ImageBytes), out.Images, out.Rounds, protocol.DefaultChunkSize>>10, protocol.DefaultWindow)
 	b.WriteString("| method | MB/s | min..max | vs HTTPS | vs raw TLS | CPU cores |\n|---|---:|---:|---:|---:|---:|\n")
-	labels := []string{
-		"fota MQTT/TLS, pacing off (protocol only)",
-		fmt.Sprintf("fota MQTT/TLS, shipped pacing (DeviceRate %s/s)", size(paced.DeviceRate)),
-		"**baseline:** HTTPS, net/http",
-		"raw TLS (upper bound)",
-	}
+	labels := []string{"fota MQTT/TLS", "**baseline:** HTTPS, net/http", "raw TLS (upper bound)"}
 	for i, r := range rows {
-		https := rows[2].MBps
-		if i == 1 {
-			https = pacedHTTPS.MBps // measured in the same invocation
-		}
-		fmt.Fprintf(&b, "| %s | %.1f | %.1f..%.1f | %s | %s | %.2f |\n", labels[i], r.MBps, r.Min, r.Max, ratio(r.MBps, https), ratio(r.MBps, rows[3].MBps), r.CPU)
+		fmt.Fprintf(&b, "| %s | %.1f | %.1f..%.1f | %s | %s | %.2f |\n", labels[i], r.MBps, r.Min, r.Max, ratio(r.MBps, rows[1].MBps), ratio(r.MBps, rows[2].MBps), r.CPU)
 	}
-	fmt.Fprintf(&b, "\nThe paced row comes from a second invocation, its ratio against that invocation's HTTPS (%.1f MB/s). "+
-		"The device saw %d busy answers and re-asked %d times (pacing off).\n", pacedHTTPS.MBps, open.Busy, open.Reasks)
-	r := rows[0].MBps / rows[2].MBps
+	fmt.Fprintf(&b, "\nThe device saw %d busy answers and re-asked %d times.\n", out.Busy, out.Reasks)
+	r := rows[0].MBps / rows[1].MBps
 	s.targets.transfer = &target{
-		what: "one device reaches half the HTTPS throughput",
-		measured: fmt.Sprintf("%.2fx HTTPS with pacing off (%.0f vs %.0f MB/s); %.2fx with the shipped pacing",
-			r, rows[0].MBps, rows[2].MBps, rows[1].MBps/pacedHTTPS.MBps),
-		met: yesNo(r >= 0.5) + " (pacing off)",
+		what:     "one device reaches half the HTTPS throughput",
+		measured: fmt.Sprintf("%.2fx HTTPS (%.0f vs %.0f MB/s)", r, rows[0].MBps, rows[1].MBps),
+		met:      yesNo(r >= 0.5),
 	}
 	return b.String(), nil
 }

@@ -13,8 +13,7 @@
 // writes the image on a socket and reads it back: an upper bound for any protocol over TLS.
 // Everything runs in this one process, so client and server share the machine's cores.
 //
-// The transfer server runs without its per-device rate cap by default, so that the table
-// measures the protocol; -device-rate 0 measures the shipped default cap instead.
+// The transfer server runs as `fota serve` runs it by default: no per-device rate cap.
 package main
 
 import (
@@ -58,19 +57,14 @@ func main() {
 	images := flag.Int("images", 10, "downloads of the image per measurement")
 	chunks := flag.String("chunks", "1,4,16,64", "chunk sizes in KiB")
 	windows := flag.String("windows", "1,2,4,8,16", "windows (requests outstanding)")
-	rate := flag.Int64("device-rate", 1<<40, "transfer.Options.DeviceRate in bytes/s; the default is no cap, to measure the protocol, not the cap (0: the transfer package's default)")
-	perDevice := flag.Int64("max-inflight", 0, "transfer.Options.MaxInflightPerDevice (0: room for the largest window of the largest chunk)")
+	rate := flag.Int64("device-rate", 0, "transfer.Options.DeviceRate in bytes/s (0: no cap, as shipped)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the measurements to this file")
 	asJSON := flag.Bool("json", false, "print the results as one JSON object instead of tables (for bench/suite)")
 	flag.Parse()
-	cfg := config{image: *image, rounds: *rounds, images: *images, rate: *rate, perDevice: *perDevice, cpuProfile: *cpuProfile, json: *asJSON}
+	cfg := config{image: *image, rounds: *rounds, images: *images, rate: *rate, cpuProfile: *cpuProfile, json: *asJSON}
 	var err error
 	if cfg.chunks, err = ints(*chunks, 1<<10); err == nil {
 		cfg.windows, err = ints(*windows, 1)
-	}
-	if err == nil && cfg.perDevice == 0 {
-		cfg.perDevice = max(transfer.DefaultMaxInflightPerDevice,
-			int64(slices.Max(cfg.windows))*int64(slices.Max(cfg.chunks)+protocol.FrameHeaderSize))
 	}
 	if err == nil {
 		err = run(cfg, os.Stdout)
@@ -85,7 +79,7 @@ type config struct {
 	image           string
 	rounds, images  int
 	chunks, windows []int
-	rate, perDevice int64
+	rate            int64
 	cpuProfile      string
 	json            bool
 }
@@ -181,12 +175,10 @@ func run(cfg config, w io.Writer) error {
 		Lookup: func(string) (transfer.Transfer, bool) {
 			return transfer.Transfer{Job: "bench", ID: 1, SHA256: sha, Size: size, ChunkMax: int(chunkMax.Load())}, true
 		},
-		Artifacts:            fileArtifacts{sha, f},
-		Publisher:            b,
-		Logger:               log,
-		DeviceRate:           cfg.rate,
-		MaxInflightPerDevice: cfg.perDevice,
-		MaxInflightTotal:     max(cfg.perDevice, transfer.DefaultMaxInflightTotal),
+		Artifacts:  fileArtifacts{sha, f},
+		Sender:     b,
+		Logger:     log,
+		DeviceRate: cfg.rate,
 	})
 	if err != nil {
 		return err
@@ -302,25 +294,21 @@ type jsonResult struct {
 // reportJSON writes what report prints, as one JSON object that bench/suite reads.
 func reportJSON(w io.Writer, cfg config, size int64, ms []*measurement, st transfer.Stats, bs broker.Stats) error {
 	out := struct {
-		ImageBytes  int64        `json:"image_bytes"`
-		Images      int          `json:"images"`
-		Rounds      int          `json:"rounds"`
-		GOMAXPROCS  int          `json:"gomaxprocs"`
-		DeviceRate  int64        `json:"device_rate"` // 1<<40 and above: no cap
-		MaxInflight int64        `json:"max_inflight_per_device"`
-		Results     []jsonResult `json:"results"`
-		Busy        int          `json:"busy"`
-		Reasks      int          `json:"reasks"`
-		Chunks      int64        `json:"server_chunks"`
-		Dropped     int64        `json:"server_dropped"`
-		BrokerDrop  int64        `json:"broker_dropped"`
+		ImageBytes int64        `json:"image_bytes"`
+		Images     int          `json:"images"`
+		Rounds     int          `json:"rounds"`
+		GOMAXPROCS int          `json:"gomaxprocs"`
+		DeviceRate int64        `json:"device_rate"` // 0: no cap
+		Results    []jsonResult `json:"results"`
+		Busy       int          `json:"busy"`
+		Reasks     int          `json:"reasks"`
+		Chunks     int64        `json:"server_chunks"`
+		Dropped    int64        `json:"server_dropped"`
+		BrokerDrop int64        `json:"broker_dropped"`
 	}{
 		ImageBytes: size, Images: cfg.images, Rounds: cfg.rounds, GOMAXPROCS: runtime.GOMAXPROCS(0),
-		DeviceRate: cfg.rate, MaxInflight: cfg.perDevice,
-		Chunks: int64(st.Chunks), Dropped: int64(st.Dropped), BrokerDrop: int64(bs.Dropped),
-	}
-	if out.DeviceRate == 0 {
-		out.DeviceRate = transfer.DefaultDeviceRate // what 0 means to the transfer server
+		DeviceRate: cfg.rate,
+		Chunks:     int64(st.Chunks), Dropped: int64(st.Dropped), BrokerDrop: int64(bs.Dropped),
 	}
 	for _, m := range ms {
 		out.Results = append(out.Results, jsonResult{
@@ -341,10 +329,10 @@ func report(w io.Writer, cfg config, size int64, ms []*measurement, httpsM, rawM
 	fmt.Fprintf(w, "One device, %d-byte image downloaded %d times per measurement, median of %d rounds, GOMAXPROCS=%d, %s.\n",
 		size, cfg.images, cfg.rounds, runtime.GOMAXPROCS(0), runtime.Version())
 	rate := "no cap"
-	if cfg.rate < 1<<40 {
+	if cfg.rate > 0 {
 		rate = fmt.Sprintf("%d B/s", cfg.rate)
 	}
-	fmt.Fprintf(w, "transfer: DeviceRate %s, MaxInflightPerDevice %d.\n\n", rate, cfg.perDevice)
+	fmt.Fprintf(w, "transfer: DeviceRate %s.\n\n", rate)
 	fmt.Fprintf(w, "HTTPS (net/http, HTTP/1.1, mutual TLS): %.1f MB/s; raw TLS: %.1f MB/s (%.2fx HTTPS).\n\n", https, rawM.median(), rawM.median()/https)
 
 	fmt.Fprintf(w, "MQTT MB/s by chunk size (rows) and window (columns); in brackets, the ratio to HTTPS:\n\n")
@@ -389,8 +377,8 @@ func report(w io.Writer, cfg config, size int64, ms []*measurement, httpsM, rawM
 		busy += m.busy
 		reasks += m.reasks
 	}
-	fmt.Fprintf(w, "\nDevice saw %d busy answers and re-asked %d times; server: %d chunks, %d paced, %d busy (device limit %d, total %d), %d dropped; broker dropped %d.\n",
-		busy, reasks, st.Chunks, st.Paced, st.ErrorFrames[protocol.ErrCodeBusy], st.BusyDevice, st.BusyTotal, st.Dropped, bs.Dropped)
+	fmt.Fprintf(w, "\nDevice saw %d busy answers and re-asked %d times; server: %d chunks, %d paced, %d busy (rate %d, total %d), %d dropped; broker dropped %d.\n",
+		busy, reasks, st.Chunks, st.Paced, st.ErrorFrames[protocol.ErrCodeBusy], st.BusyRate, st.BusyTotal, st.Dropped, bs.Dropped)
 }
 
 func tlsConfigs(dir string) (server, device *tls.Config, err error) {
