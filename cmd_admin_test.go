@@ -212,6 +212,8 @@ func (f *cliFakeRollouts) TagDevice(id string, tags map[string]string) (controll
 	return controller.Device{}, fmt.Errorf("device %s %w", id, controller.ErrNotFound)
 }
 
+func (f *cliFakeRollouts) WithoutNewRollouts(fn func() error) error { return fn() }
+
 func (f *cliFakeRollouts) InUse(model, version string) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()

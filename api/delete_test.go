@@ -81,6 +81,9 @@ func TestDeleteFirmware(t *testing.T) {
 		if kept {
 			t.Error("store still holds the image of 1.2.0, want it gone")
 		}
+		if n := e.rollouts.inUseUnguarded.Load(); n != 0 {
+			t.Errorf("got %d InUse checks outside WithoutNewRollouts, want 0: a rollout created meanwhile would be missed", n)
+		}
 	})
 	t.Run("deleted twice", func(t *testing.T) {
 		err := c.DeleteFirmware(ctx, "primehub", "1.2.0")

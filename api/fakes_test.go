@@ -23,6 +23,9 @@ type fakeRollouts struct {
 	specs    []controller.RolloutSpec
 	events   []controller.Event
 	queries  []controller.JobQuery
+	// guard counts the WithoutNewRollouts calls in progress; inUseUnguarded the InUse calls
+	// made outside one, which could race a rollout's creation.
+	guard, inUseUnguarded atomic.Int32
 }
 
 var _ Rollouts = (*fakeRollouts)(nil)
@@ -160,7 +163,16 @@ func (f *fakeRollouts) TagDevice(id string, tags map[string]string) (controller.
 	return controller.Device{}, fmt.Errorf("device %q: %w", id, controller.ErrNotFound)
 }
 
+func (f *fakeRollouts) WithoutNewRollouts(fn func() error) error {
+	f.guard.Add(1)
+	defer f.guard.Add(-1)
+	return fn()
+}
+
 func (f *fakeRollouts) InUse(model, version string) bool {
+	if f.guard.Load() == 0 {
+		f.inUseUnguarded.Add(1)
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, d := range f.details {

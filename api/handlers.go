@@ -341,8 +341,10 @@ func (s *Server) deleteFirmware(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	canon := pv.String()
-	err = s.opts.Firmware.Delete(model, canon, func(f firmware.Firmware) bool {
-		return s.opts.Rollouts.InUse(f.Model, f.Version)
+	err = s.opts.Rollouts.WithoutNewRollouts(func() error {
+		return s.opts.Firmware.Delete(model, canon, func(f firmware.Firmware) bool {
+			return s.opts.Rollouts.InUse(f.Model, f.Version)
+		})
 	})
 	switch {
 	case errors.Is(err, firmware.ErrInUse):

@@ -55,6 +55,9 @@ type Rollouts interface {
 	// InUse reports whether an unfinished rollout targets the firmware (model, version), whose
 	// version is canonical; such firmware cannot be deleted.
 	InUse(model, version string) bool
+	// WithoutNewRollouts runs fn while no rollout is being created, so that a firmware delete
+	// checking InUse cannot race a creation that already found the firmware.
+	WithoutNewRollouts(fn func() error) error
 }
 
 var _ Rollouts = (*controller.Controller)(nil)

@@ -112,6 +112,11 @@ type Controller struct {
 	broken  error     // set while memory is ahead of a failed commit; see reloadAfterFailure
 	last    *writeReq // the latest write queued, for sync
 
+	// creating is held for reading by CreateRollout from its firmware lookup until the rollout
+	// is registered, and for writing by WithoutNewRollouts: a firmware delete that checks InUse
+	// under it cannot miss a rollout whose creation already found the firmware.
+	creating sync.RWMutex
+
 	// certModel is the model a device's certificate names, when it names one.
 	certModel sync.Map // device id -> string
 	transfers sync.Map // device id -> *xfer, read on every chunk request

@@ -26,6 +26,8 @@ func (c *Controller) CreateRollout(ctx context.Context, spec RolloutSpec) (Rollo
 	if err := spec.normalize(); err != nil {
 		return Rollout{}, err
 	}
+	c.creating.RLock()
+	defer c.creating.RUnlock()
 	m, err := c.opts.Firmware.Manifest(spec.Model, spec.Version)
 	if err != nil {
 		return Rollout{}, fmt.Errorf("firmware %s %s: %w", spec.Model, spec.Version, err)
@@ -785,6 +787,16 @@ func (c *Controller) TagDevice(id string, tags map[string]string) (Device, error
 		return nil
 	})
 	return out, err
+}
+
+// WithoutNewRollouts runs fn while no rollout is being created: every creation that found
+// its firmware before fn started is registered, so InUse inside fn sees it, and every
+// creation after fn looks its firmware up again. Deleting firmware goes through it. fn must
+// not create a rollout.
+func (c *Controller) WithoutNewRollouts(fn func() error) error {
+	c.creating.Lock()
+	defer c.creating.Unlock()
+	return fn()
 }
 
 // InUse reports whether an open rollout needs the firmware (model, version). A completed
