@@ -13,3 +13,7 @@ func OpenHandles(s *Store) int {
 	defer s.files.mu.Unlock()
 	return len(s.files.open)
 }
+
+// SetBeforeVerdict makes p call fn after making a patch and before storing its verdict, so a
+// test can act exactly in between. Call it before Start.
+func SetBeforeVerdict(p *Patcher, fn func(base, target string)) { p.beforeVerdict = fn }

@@ -8,8 +8,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"sync"
 
 	"github.com/fota-dev/fota/firmware/delta"
@@ -27,7 +29,8 @@ type deltaRecord struct {
 	Refused  string             `json:"refused,omitempty"`  // why there is no delta
 }
 
-// PatcherOptions configure a Patcher. Store and DB are required.
+// PatcherOptions configure a Patcher. Store and DB are required, and DB must be the Store's:
+// a verdict is stored in the same transaction that checks its target is still there.
 type PatcherOptions struct {
 	Store *Store
 	DB    *bolt.DB
@@ -39,7 +42,9 @@ type PatcherOptions struct {
 	// Queue is how many pairs may wait for a worker; default 64. A pair that finds the queue
 	// full gets no delta this time and is asked for again later.
 	Queue int
-	// OnReady is called, from a worker, after a pair's verdict is stored.
+	// OnReady is called, from a worker, after a pair's verdict is stored. It is not called
+	// when the target was deleted while its patch was being made: nothing is stored then, and
+	// asking again would only queue the pair again.
 	OnReady func(base, target string)
 	Logger  *slog.Logger
 }
@@ -56,6 +61,10 @@ type Patcher struct {
 	wg      sync.WaitGroup
 	ctx     context.Context
 	cancel  context.CancelFunc
+
+	// beforeVerdict, set only by tests before Start, runs between making a patch and storing
+	// its verdict, so a test can delete the target exactly there.
+	beforeVerdict func(base, target string)
 }
 
 type patchJob struct {
@@ -63,10 +72,15 @@ type patchJob struct {
 	target protocol.Manifest
 }
 
-// NewPatcher creates the cache bucket. Start starts the workers.
+// NewPatcher creates the cache bucket and sweeps what a crash may have left of deleted
+// targets: verdicts whose target has no firmware record, and patch artifacts no record names.
+// Start starts the workers.
 func NewPatcher(opts PatcherOptions) (*Patcher, error) {
 	if opts.Store == nil || opts.DB == nil {
 		return nil, errors.New("patcher: Store and DB are required")
+	}
+	if opts.DB != opts.Store.db {
+		return nil, errors.New("patcher: DB must be the Store's")
 	}
 	if opts.Workers <= 0 {
 		opts.Workers = 1
@@ -86,9 +100,17 @@ func NewPatcher(opts PatcherOptions) (*Patcher, error) {
 	}); err != nil {
 		return nil, fmt.Errorf("patcher: %w", err)
 	}
+	log := opts.Logger.With("component", "patcher")
+	records, patches, err := opts.Store.sweepDeltas()
+	if err != nil {
+		return nil, fmt.Errorf("patcher: %w", err)
+	}
+	if records > 0 || patches > 0 {
+		log.Info("swept deltas of deleted firmware", "records", records, "patches", patches)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Patcher{
-		opts: opts, log: opts.Logger.With("component", "patcher"),
+		opts: opts, log: log,
 		queue: make(chan patchJob, opts.Queue), pending: make(map[string]bool),
 		ctx: ctx, cancel: cancel,
 	}, nil
@@ -179,55 +201,73 @@ func (p *Patcher) Delta(base string, target protocol.Manifest) (m protocol.Manif
 // make builds, verifies, stores and signs one patch, and records the verdict.
 func (p *Patcher) make(j patchJob) {
 	key := pairKey(j.base, j.target.SHA256)
-	rec, err := p.build(j)
+	rec, u, err := p.build(j)
+	defer func() {
+		if rerr := u.remove(); rerr != nil {
+			p.log.Warn("remove temp file", "err", rerr)
+		}
+	}()
 	if err != nil {
 		if p.ctx.Err() != nil {
+			p.done(key)
 			return // shutting down: nothing recorded, the pair is asked for again later
 		}
 		rec = deltaRecord{Refused: err.Error()}
-		p.log.Warn("no delta", "base", j.base[:12], "target", j.target.Version, "reason", err)
 	}
-	data, err := json.Marshal(rec)
-	if err == nil {
-		err = p.opts.DB.Update(func(tx *bolt.Tx) error {
-			return tx.Bucket(bucketDeltas).Put([]byte(key), data)
-		})
+	if p.beforeVerdict != nil {
+		p.beforeVerdict(j.base, j.target.SHA256)
 	}
-	p.mu.Lock()
-	delete(p.pending, key)
-	p.mu.Unlock()
-	if err != nil {
+	stored, err := p.opts.Store.commitDelta(key, j.target.SHA256, rec, u)
+	p.done(key)
+	switch {
+	case err != nil:
 		p.log.Error("store delta verdict", "err", err)
 		return
+	case !stored:
+		p.log.Info("target deleted while its delta was made: nothing kept", "base", short(j.base), "target", j.target.Version)
+		return
+	case rec.Manifest == nil:
+		p.log.Warn("no delta", "base", short(j.base), "target", j.target.Version, "reason", rec.Refused)
+	default:
+		p.log.Info("delta ready", "base", short(j.base), "target", j.target.Version, "patch", rec.Manifest.Delta.PatchSize, "image", rec.Manifest.Size)
 	}
 	if p.opts.OnReady != nil {
 		p.opts.OnReady(j.base, j.target.SHA256)
 	}
 }
 
-func (p *Patcher) build(j patchJob) (deltaRecord, error) {
+// done lets the pair be queued again.
+func (p *Patcher) done(key string) {
+	p.mu.Lock()
+	delete(p.pending, key)
+	p.mu.Unlock()
+}
+
+// build makes, verifies and signs one patch, and writes it to a temp file. The patch is
+// installed with its verdict, by commitDelta, once the target is known to be still there.
+func (p *Patcher) build(j patchJob) (deltaRecord, *upload, error) {
 	old, err := p.readArtifact(j.base)
 	if err != nil {
-		return deltaRecord{}, fmt.Errorf("read base: %w", err)
+		return deltaRecord{}, nil, fmt.Errorf("read base: %w", err)
 	}
 	target, err := p.readArtifact(j.target.SHA256)
 	if err != nil {
-		return deltaRecord{}, fmt.Errorf("read target: %w", err)
+		return deltaRecord{}, nil, fmt.Errorf("read target: %w", err)
 	}
 	patch, err := delta.Make(old, target)
 	if err != nil {
-		return deltaRecord{}, fmt.Errorf("make patch: %w", err)
+		return deltaRecord{}, nil, fmt.Errorf("make patch: %w", err)
 	}
 	if limit := int64(float64(len(target)) * p.opts.MaxRatio); int64(len(patch)) > limit {
-		return deltaRecord{}, fmt.Errorf("patch is %d bytes, above %.0f%% of the %d-byte image", len(patch), 100*p.opts.MaxRatio, len(target))
+		return deltaRecord{}, nil, fmt.Errorf("patch is %d bytes, above %.0f%% of the %d-byte image", len(patch), 100*p.opts.MaxRatio, len(target))
 	}
 	// Never offer a patch that has not been seen to rebuild the exact target.
 	rebuilt, err := delta.Apply(old, bytes.NewReader(patch), j.target.Size)
 	if err != nil {
-		return deltaRecord{}, fmt.Errorf("verify patch: %w", err)
+		return deltaRecord{}, nil, fmt.Errorf("verify patch: %w", err)
 	}
 	if sum := sha256.Sum256(rebuilt); hex.EncodeToString(sum[:]) != j.target.SHA256 {
-		return deltaRecord{}, errors.New("verify patch: rebuilt image does not match the target sha256")
+		return deltaRecord{}, nil, errors.New("verify patch: rebuilt image does not match the target sha256")
 	}
 	// Sign first: without the key nothing is stored.
 	psum := sha256.Sum256(patch)
@@ -236,21 +276,16 @@ func (p *Patcher) build(j patchJob) (deltaRecord, error) {
 	m.Delta = &protocol.Delta{Base: j.base, PatchSHA256: hex.EncodeToString(psum[:]), PatchSize: int64(len(patch)), Format: delta.Format}
 	signed, err := p.opts.Store.SignManifest(m)
 	if err != nil {
-		return deltaRecord{}, fmt.Errorf("sign delta manifest: %w", err)
+		return deltaRecord{}, nil, fmt.Errorf("sign delta manifest: %w", err)
 	}
 	if err := p.ctx.Err(); err != nil {
-		return deltaRecord{}, err
+		return deltaRecord{}, nil, err
 	}
 	u, err := p.opts.Store.receive(p.ctx, bytes.NewReader(patch))
 	if err != nil {
-		return deltaRecord{}, fmt.Errorf("store patch: %w", err)
+		return deltaRecord{}, nil, fmt.Errorf("store patch: %w", err)
 	}
-	if _, err := p.opts.Store.install(u); err != nil {
-		u.remove()
-		return deltaRecord{}, fmt.Errorf("store patch: %w", err)
-	}
-	p.log.Info("delta ready", "base", j.base[:12], "target", j.target.Version, "patch", len(patch), "image", len(target))
-	return deltaRecord{Manifest: &signed}, nil
+	return deltaRecord{Manifest: &signed}, u, nil
 }
 
 func (p *Patcher) readArtifact(sha string) ([]byte, error) {
@@ -259,4 +294,269 @@ func (p *Patcher) readArtifact(sha string) ([]byte, error) {
 		return nil, err
 	}
 	return os.ReadFile(path)
+}
+
+// A patch lives exactly as long as its target image: Store.Delete drops the verdicts on a
+// target with its last record, and their patches with them; deleting a base keeps its
+// patches, since devices still running that base can use them.
+//
+// Locking. Every step that installs or removes an artifact file, or writes a record that
+// names one, runs under Store.commitMu: Add, Delete, commitDelta and sweepDeltas. A verdict is
+// stored in the transaction that checks a firmware record still names its target, and Delete
+// removes that record and the target's verdicts in one transaction, so either the verdict
+// commits first and Delete drops it, or Delete commits first and the verdict is not stored.
+// Whether a patch is still named by a firmware record or another verdict is decided inside
+// the transaction that drops a verdict, and the file is removed after the commit but before
+// commitMu is released, so no record can start naming it, nor install's "already there"
+// shortcut rely on it, between the decision and the removal.
+
+// commitDelta stores the verdict rec on the pair key and installs its patch u (nil for a
+// refusal), provided a firmware record still names target. stored is false when none does:
+// the target was deleted while its patch was being made, and then nothing is installed.
+func (s *Store) commitDelta(key, target string, rec deltaRecord, u *upload) (stored bool, err error) {
+	data, err := json.Marshal(rec)
+	if err != nil {
+		return false, fmt.Errorf("encode delta verdict: %w", err)
+	}
+	target, _ = validSHA(target)
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	installed := false
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		stored, installed = false, false
+		images, err := firmwareSHAs(tx)
+		if err != nil {
+			return err
+		}
+		if !images[target] {
+			return nil
+		}
+		if err := tx.Bucket(bucketDeltas).Put([]byte(key), data); err != nil {
+			return err
+		}
+		stored = true
+		if u == nil {
+			return nil
+		}
+		// Last, as in Add, so that a failure above leaves no file to clean up.
+		installed, err = s.install(u)
+		return err
+	})
+	if err != nil {
+		if installed {
+			// The file was not there before, and under commitMu no other record can have
+			// come to name it, so it is an orphan now that the verdict did not commit.
+			if rerr := s.removeArtifact(u.sha); rerr != nil {
+				s.log.Warn("remove orphan patch", "sha256", u.sha, "err", rerr)
+			}
+		}
+		return false, fmt.Errorf("store delta verdict: %w", err)
+	}
+	return stored, nil
+}
+
+// sweepDeltas drops the verdicts whose target no firmware record names, and removes every
+// patch artifact that no record names: those of the verdicts just dropped, and those a crash
+// left between a Delete's commit and its file removals. It runs under commitMu.
+func (s *Store) sweepDeltas() (records, patches int, err error) {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	var unnamed []string
+	var named map[string]bool
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		images, err := firmwareSHAs(tx)
+		if err != nil {
+			return err
+		}
+		records, unnamed, err = dropDeltas(tx, func(target string) bool { return !images[target] })
+		if err != nil {
+			return err
+		}
+		named, err = namedSHAs(tx)
+		return err
+	})
+	if err != nil {
+		return 0, 0, fmt.Errorf("sweep deltas: %w", err)
+	}
+	patches, err = s.removePatches(unnamed)
+	if err != nil {
+		return records, patches, fmt.Errorf("sweep deltas: %w", err)
+	}
+	n, err := s.removeUnnamedPatches(named)
+	patches += n
+	if err != nil {
+		return records, patches, fmt.Errorf("sweep deltas: %w", err)
+	}
+	return records, patches, nil
+}
+
+// dropDeltas deletes the verdicts whose target sha gone reports, and returns how many it
+// deleted and the patches they named that no remaining record names.
+func dropDeltas(tx *bolt.Tx, gone func(target string) bool) (dropped int, unnamed []string, err error) {
+	b := tx.Bucket(bucketDeltas)
+	if b == nil {
+		return 0, nil, nil // no Patcher has run on this database
+	}
+	var keys [][]byte
+	patches := make(map[string]bool)
+	err = b.ForEach(func(k, v []byte) error {
+		_, t, ok := bytes.Cut(k, []byte(":"))
+		if !ok {
+			return nil
+		}
+		target, ok := validSHA(string(t))
+		if !ok || !gone(target) {
+			return nil
+		}
+		keys = append(keys, bytes.Clone(k))
+		if p := patchOf(v); p != "" {
+			patches[p] = true
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, nil, err
+	}
+	// Deleted after the walk: bbolt does not allow changing a bucket inside its ForEach.
+	for _, k := range keys {
+		if err := b.Delete(k); err != nil {
+			return 0, nil, fmt.Errorf("delete delta verdict: %w", err)
+		}
+	}
+	if len(patches) == 0 {
+		return len(keys), nil, nil
+	}
+	named, err := namedSHAs(tx)
+	if err != nil {
+		return 0, nil, err
+	}
+	for p := range patches {
+		if !named[p] {
+			unnamed = append(unnamed, p)
+		}
+	}
+	return len(keys), unnamed, nil
+}
+
+// patchOf returns the patch sha a stored verdict names, or "" for a refusal. A verdict that
+// does not decode names nothing: Delta cannot serve it, so no device reaches a patch through it.
+func patchOf(v []byte) string {
+	var rec deltaRecord
+	if json.Unmarshal(v, &rec) != nil || rec.Manifest == nil || rec.Manifest.Delta == nil {
+		return ""
+	}
+	sha, _ := validSHA(rec.Manifest.Delta.PatchSHA256)
+	return sha
+}
+
+// firmwareSHAs returns the sha256 of every firmware record.
+func firmwareSHAs(tx *bolt.Tx) (map[string]bool, error) {
+	b, err := bucket(tx)
+	if err != nil {
+		return nil, err
+	}
+	shas := make(map[string]bool)
+	err = allRecords(b, func(f Firmware) error {
+		if sha, ok := validSHA(f.SHA256); ok {
+			shas[sha] = true
+		}
+		return nil
+	})
+	return shas, err
+}
+
+// namedSHAs returns every artifact sha a record names: images and delta patches.
+func namedSHAs(tx *bolt.Tx) (map[string]bool, error) {
+	named, err := firmwareSHAs(tx)
+	if err != nil {
+		return nil, err
+	}
+	if b := tx.Bucket(bucketDeltas); b != nil {
+		err = b.ForEach(func(_, v []byte) error {
+			if p := patchOf(v); p != "" {
+				named[p] = true
+			}
+			return nil
+		})
+	}
+	return named, err
+}
+
+// removePatches removes the patch artifacts shas, which no record names any more, and
+// returns how many files it removed. Callers hold commitMu.
+func (s *Store) removePatches(shas []string) (int, error) {
+	removed := 0
+	var errs []error
+	for _, sha := range shas {
+		if _, err := os.Stat(s.artifactPath(sha)); errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		err := s.removeArtifact(sha)
+		// Evict after removing, as Delete does for images.
+		s.files.evict(sha)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("patch %s: %w", sha, err))
+			continue
+		}
+		removed++
+	}
+	return removed, errors.Join(errs...)
+}
+
+// removeUnnamedPatches removes the artifacts that no record names (named, read under the
+// commitMu the caller holds) and that are delta patches by their header. Unnamed images are
+// left alone: deciding about those is not the Patcher's business.
+func (s *Store) removeUnnamedPatches(named map[string]bool) (int, error) {
+	root := filepath.Join(s.dir, objectsDir)
+	subs, err := os.ReadDir(root)
+	if err != nil {
+		return 0, fmt.Errorf("read artifact dir: %w", err)
+	}
+	var orphans []string
+	for _, sub := range subs {
+		if !sub.IsDir() {
+			continue
+		}
+		entries, err := os.ReadDir(filepath.Join(root, sub.Name()))
+		if err != nil {
+			return 0, fmt.Errorf("read artifact dir: %w", err)
+		}
+		for _, e := range entries {
+			// Only names the store itself writes: <2 hex>/<64 lowercase hex>.
+			sha, ok := validSHA(e.Name())
+			if !ok || sha != e.Name() || sha[:2] != sub.Name() || !e.Type().IsRegular() || named[sha] {
+				continue
+			}
+			patch, err := isPatchFile(s.artifactPath(sha))
+			if err != nil {
+				return 0, err
+			}
+			if patch {
+				orphans = append(orphans, sha)
+			}
+		}
+	}
+	return s.removePatches(orphans)
+}
+
+// isPatchFile reports whether the file at path is a whole delta patch: a valid header that
+// accounts for exactly the file's size.
+func isPatchFile(path string) (bool, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return false, fmt.Errorf("open artifact: %w", err)
+	}
+	defer f.Close()
+	h, err := delta.ReadHeader(f)
+	switch {
+	case errors.Is(err, delta.ErrBadPatch):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("read artifact %s: %w", path, err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return false, fmt.Errorf("stat artifact: %w", err)
+	}
+	return fi.Size() == h.Len(), nil
 }

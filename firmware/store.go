@@ -53,9 +53,10 @@ type Store struct {
 	key     ed25519.PrivateKey // nil in offline mode
 	pub     ed25519.PublicKey
 
-	// commitMu serialises the steps of Add and Delete that touch both the bucket and the
-	// artifact files, so a file is never removed while another record is about to refer to it,
-	// and the inUse callback of Delete can run outside a bbolt transaction.
+	// commitMu serialises the steps of Add, Delete and the Patcher (commitDelta, sweepDeltas)
+	// that touch both the buckets and the artifact files, so a file is never removed while
+	// another record is about to refer to it, and the inUse callback of Delete can run outside
+	// a bbolt transaction. patches.go explains how delta patches rely on it.
 	commitMu sync.Mutex
 }
 
@@ -603,9 +604,11 @@ func (s *Store) Latest(model string) (Firmware, error) {
 }
 
 // Delete removes the record of (model, version), and its artifact file unless another record
-// names the same sha256. If inUse is not nil and returns true for the record, Delete fails
-// with ErrInUse. inUse runs outside any transaction of the store, so it may use the same DB;
-// it must not call Add or Delete.
+// names the same sha256. With the last record of a sha256 go the Patcher's verdicts on deltas
+// to that image and the patch files they name, unless another record names the same file;
+// patches from the image, as a base, stay. If inUse is not nil and returns true for the
+// record, Delete fails with ErrInUse. inUse runs outside any transaction of the store, so it
+// may use the same DB; it must not call Add or Delete.
 func (s *Store) Delete(model, version string, inUse func(Firmware) bool) error {
 	if err := ValidModel(model); err != nil {
 		return fmt.Errorf("delete firmware: %w", err)
@@ -628,8 +631,11 @@ func (s *Store) Delete(model, version string, inUse func(Firmware) bool) error {
 	if inUse != nil && inUse(f) {
 		return fmt.Errorf("delete firmware %s %s: %w", model, canon, ErrInUse)
 	}
+	sha, shaOK := validSHA(f.SHA256)
 	shared := false
+	var patches []string // named by the dropped verdicts and by no remaining record
 	err = s.db.Update(func(tx *bbolt.Tx) error {
+		shared, patches = false, nil
 		b, err := bucket(tx)
 		if err != nil {
 			return err
@@ -637,27 +643,38 @@ func (s *Store) Delete(model, version string, inUse func(Firmware) bool) error {
 		if err := b.Delete(recordKey(model, canon)); err != nil {
 			return err
 		}
-		return allRecords(b, func(o Firmware) error {
+		if err := allRecords(b, func(o Firmware) error {
 			shared = shared || o.SHA256 == f.SHA256
 			return nil
-		})
+		}); err != nil {
+			return err
+		}
+		if shared || !shaOK {
+			return nil
+		}
+		// In this transaction, so that a verdict being stored for this target either
+		// commits first and is dropped here, or finds the target gone (see commitDelta).
+		_, patches, err = dropDeltas(tx, func(target string) bool { return target == sha })
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("delete firmware %s %s: %w", model, canon, err)
 	}
-	s.log.Info("firmware deleted", "model", model, "version", canon, "sha256", f.SHA256, "artifact_kept", shared)
 	if shared {
+		s.log.Info("firmware deleted", "model", model, "version", canon, "sha256", f.SHA256, "artifact_kept", true, "patches_removed", 0)
 		return nil
 	}
-	sha, ok := validSHA(f.SHA256)
-	if !ok {
+	if !shaOK {
 		return fmt.Errorf("delete firmware %s %s: record has bad sha256 %q", model, canon, f.SHA256)
 	}
 	err = s.removeArtifact(sha)
 	// Evict after removing: a ReadAt racing with us either opened the file before the removal
 	// (and its handle is dropped here) or finds it gone.
 	s.files.evict(sha)
-	if err != nil {
+	// Still under commitMu: nothing can come to name these patches before they are gone.
+	removed, perr := s.removePatches(patches)
+	s.log.Info("firmware deleted", "model", model, "version", canon, "sha256", f.SHA256, "artifact_kept", false, "patches_removed", removed)
+	if err = errors.Join(err, perr); err != nil {
 		return fmt.Errorf("delete firmware %s %s: %w", model, canon, err)
 	}
 	return nil
