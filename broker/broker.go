@@ -85,6 +85,7 @@ type Stats struct {
 	Dropped   uint64 // messages dropped because a device's outbound queue was full
 	Refused   uint64 // connections closed before a session: TLS failure, timeout, refused CONNECT
 	Panics    uint64 // panics contained: in a connection, a Subscribe handler or a callback
+	Restored  uint64 // connected devices put back in Mochi's routing map after it lost them
 }
 
 // Broker is fota's MQTT broker. Its methods are safe for concurrent use.
@@ -109,7 +110,11 @@ type Broker struct {
 
 	sendBufs sync.Pool // packet buffers for Send
 
-	sessions, sent, dropped, refused, panics atomic.Uint64
+	// beforeConnack, set only by tests, runs on a connection's goroutine after its session
+	// is recorded and before Mochi writes its CONNACK.
+	beforeConnack atomic.Pointer[func(c *conn)]
+
+	sessions, sent, dropped, refused, panics, restored atomic.Uint64
 }
 
 // session is the newest connection of a device. announced is whether OnConnect was queued
@@ -235,12 +240,14 @@ func (b *Broker) Publish(topic string, payload []byte, qos byte) error {
 	if b.closed.Load() {
 		return ErrClosed
 	}
-	if _, suffix, ok := protocol.ParseTopic(topic); !ok || !protocol.Downstream(suffix) {
+	id, suffix, ok := protocol.ParseTopic(topic)
+	if !ok || !protocol.Downstream(suffix) {
 		return fmt.Errorf("publish %q: %w", topic, ErrBadTopic)
 	}
 	if qos > 2 {
 		return fmt.Errorf("publish %q: qos %d out of range", topic, qos)
 	}
+	b.ensureRoutable(id)
 	// Mochi copies the payload for each subscriber it queues it for (packets.Packet.Copy), and
 	// nothing retains it (retain is off), so the caller may reuse payload once this returns.
 	if err := b.srv.Publish(topic, payload, false, qos); err != nil {
@@ -302,6 +309,38 @@ func (b *Broker) Connected(id string) bool {
 	return s != nil && s.announced
 }
 
+// ensureRoutable puts device id's live client back in Mochi's client map if it is missing
+// there. Mochi routes a publish through that map by client id, and its expiry sweep deletes
+// by id from a snapshot: a stopped client's entry can take the device's newer connection
+// with it. gone closes the usual way in; this check, before every publish, covers the rest,
+// so that a job message never silently misses a connected device.
+func (b *Broker) ensureRoutable(id string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := b.live[id]
+	if s == nil || !s.up {
+		return
+	}
+	cl := s.c.client
+	if cl.Closed() {
+		return
+	}
+	if cur, ok := b.srv.Clients.Get(id); !ok || cur != cl {
+		b.srv.Clients.Add(cl)
+		b.restored.Add(1)
+		b.log.Warn("restored a connected device missing from the routing map", "device", id)
+	}
+}
+
+// reconnected reports whether device id has a connection whose CONNACK is out: a disconnect
+// of an older connection queued before that one's connect is stale.
+func (b *Broker) reconnected(id string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := b.live[id]
+	return s != nil && s.up
+}
+
 // Stats returns the broker's counters.
 func (b *Broker) Stats() Stats {
 	b.mu.Lock()
@@ -316,6 +355,7 @@ func (b *Broker) Stats() Stats {
 		Connected: n,
 		Sessions:  b.sessions.Load(),
 		Sent:      b.sent.Load(),
+		Restored:  b.restored.Load(),
 		Dropped:   b.dropped.Load(),
 		Refused:   b.refused.Load(),
 		Panics:    b.panics.Load(),
@@ -397,6 +437,15 @@ func (b *Broker) connected(c *conn) {
 func (b *Broker) gone(c *conn) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	// Mochi leaves a client whose CONNACK could not be written in its map, stopped, and its
+	// expiry sweep (every second) later deletes that id from the map, which by then may name
+	// the device's next connection: connected and deaf. Remove the stopped one now, while the
+	// next connection still waits in established for this one to end.
+	if cl := c.client; cl != nil {
+		if cur, ok := b.srv.Clients.Get(c.id); ok && cur == cl {
+			b.srv.Clients.Delete(c.id)
+		}
+	}
 	s := b.live[c.id]
 	switch {
 	case s == nil:
@@ -413,6 +462,7 @@ func (b *Broker) gone(c *conn) {
 		if cl := s.c.client; !cl.Closed() {
 			if _, ok := b.srv.Clients.Get(c.id); !ok {
 				b.srv.Clients.Add(cl)
+				b.restored.Add(1)
 				b.log.Warn("restored client lost in a session takeover", "device", c.id)
 			}
 		}

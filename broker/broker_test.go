@@ -11,6 +11,8 @@ import (
 	"math/rand/v2"
 	"net"
 	"runtime"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -816,4 +818,109 @@ func TestAllowed(t *testing.T) {
 	if n := testing.AllocsPerRun(100, func() { allowed("d", "fota/v1/d/chunk", false) }); n != 0 {
 		t.Errorf("allowed allocates %v times per call, want 0", n)
 	}
+}
+
+// TestStaleDisconnectNotDelivered: connection events are delivered on their own goroutine,
+// behind the device's messages. When the device's old connection ended and a new one is
+// already up by the time that end is delivered, delivering it would mark offline a device
+// that is connected; its new connect follows anyway.
+func TestStaleDisconnectNotDelivered(t *testing.T) {
+	gate := make(chan struct{})
+	var mu sync.Mutex
+	var got []string
+	f := newFixture(t, func(o *Options) {
+		o.OnConnect = func(id, _ string) {
+			<-gate // holds the event goroutine: what follows queues behind
+			mu.Lock()
+			got = append(got, "connect")
+			mu.Unlock()
+		}
+		o.OnDisconnect = func(id string) {
+			mu.Lock()
+			got = append(got, "disconnect")
+			mu.Unlock()
+		}
+	})
+	old := f.device("dev-a")
+	_ = old.conn.Close()
+	// The old connection's end is recorded (and its disconnect queued) before the new one
+	// arrives, as when a device reconnects after a drop the broker noticed.
+	eventually(t, ioTimeout, "the old connection gone", func() bool { return !f.b.Connected("dev-a") })
+	rc := f.subscribed("dev-a")
+	eventually(t, ioTimeout, "the new connection up", func() bool { return f.b.Connected("dev-a") })
+	close(gate)
+	eventually(t, ioTimeout, "both connects delivered", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		n := 0
+		for _, e := range got {
+			if e == "connect" {
+				n++
+			}
+		}
+		return n == 2
+	})
+	f.roundTrip(rc, "dev-a")
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []string{"connect", "connect"}; !slices.Equal(got, want) {
+		t.Fatalf("got events %v, want %v: the old connection's disconnect arrived after the new connection was up", got, want)
+	}
+}
+
+// TestPublishRestoresLostClient: Mochi routes publishes through its client map by id, and
+// its once-a-second expiry sweep deletes stale entries by id from a snapshot, which can take a
+// device's newer connection with it. Publish must still reach the connected device.
+func TestPublishRestoresLostClient(t *testing.T) {
+	f := newFixture(t, nil)
+	rc := f.subscribed("dev-a")
+	f.roundTrip(rc, "dev-a")
+	f.b.srv.Clients.Delete("dev-a") // what the sweep's race leaves behind
+	f.roundTrip(rc, "dev-a")
+	if got := f.b.Stats().Restored; got != 1 {
+		t.Fatalf("Stats.Restored: got %d, want 1", got)
+	}
+	// A device that is not connected is not invented.
+	if err := f.b.Publish(protocol.Topic("dev-b", protocol.SuffixJob), []byte("x"), 1); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := f.b.srv.Clients.Get("dev-b"); ok {
+		t.Fatal("Publish to an unconnected device added it to the client map")
+	}
+}
+
+// TestFailedConnackLeavesNoEntry: a device that gives up waiting for its CONNACK closes the
+// socket, and Mochi, failing to write the CONNACK, returns without removing the client from
+// its map. Its expiry sweep would later delete that id from under the device's next
+// connection, so the broker removes the entry as the connection ends.
+func TestFailedConnackLeavesNoEntry(t *testing.T) {
+	f := newFixture(t, nil)
+	ended := make(chan *conn, 1)
+	var once atomic.Bool
+	fail := func(c *conn) {
+		if c.id == "dev-gone" && once.CompareAndSwap(false, true) {
+			_ = c.raw.Close() // the device left: the CONNACK write fails
+			ended <- c
+		}
+	}
+	f.b.beforeConnack.Store(&fail)
+	rc := mustDial(t, f.addr, f.ca.DeviceTLS(t, "dev-gone", "model-x"))
+	rc.mustSend(connectPacket(4, "dev-gone", connectOpts{keepalive: 30}))
+	var c *conn
+	select {
+	case c = <-ended:
+	case <-time.After(ioTimeout):
+		t.Fatal("the connection never reached its session")
+	}
+	select {
+	case <-c.ended:
+	case <-time.After(ioTimeout):
+		t.Fatal("the connection did not end after its CONNACK failed")
+	}
+	if _, ok := f.b.srv.Clients.Get("dev-gone"); ok {
+		t.Fatal("a client whose CONNACK failed is still in Mochi's client map after its connection ended")
+	}
+	// The device's next connection works.
+	rc2 := f.subscribed("dev-gone")
+	f.roundTrip(rc2, "dev-gone")
 }

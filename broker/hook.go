@@ -134,6 +134,9 @@ func (h *hook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
 	if c, ok := cl.Net.Conn.(*conn); ok {
 		c.client = cl
 		h.b.established(c)
+		if fn := h.b.beforeConnack.Load(); fn != nil {
+			(*fn)(c)
+		}
 	}
 }
 

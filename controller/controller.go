@@ -433,8 +433,17 @@ func (c *Controller) DeviceConnected(id, model string) {
 			ds = &devState{d: Device{ID: id, Model: c.intern(model)}, pos: position(id), wave: -1}
 			c.addDevice(ds)
 		}
+		wasOnline := ds.d.Online
 		ds.d.Online, ds.d.LastSeen = true, now
 		p.add(putDeviceFn(ds.d))
+		// A job left pending while the device was offline (its patch became ready then)
+		// waits for a slot again. Its status, which usually follows, does the same; but
+		// connection events can lag the device's messages, and a status handled before
+		// this event would leave the job pending for good.
+		if r := c.open[ds.d.Model]; r != nil && !wasOnline && ds.job != nil && ds.job.State == JobPending {
+			c.enqueueDevice(r, ds)
+			c.afterChange(r, now, p, cm)
+		}
 		return nil
 	})
 	if err != nil {

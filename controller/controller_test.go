@@ -551,3 +551,48 @@ func TestDeltaOffers(t *testing.T) {
 		t.Fatalf("got re-offer %+v, want the same delta job", o2)
 	}
 }
+
+// TestPendingJobOfferedOnReconnect: a patch that becomes ready while its device is offline
+// leaves the job pending. Connection events can arrive after the device's status on its new
+// connection, so the connect itself must put the job back in line for an offer.
+func TestPendingJobOfferedOnReconnect(t *testing.T) {
+	h := newHarness(t)
+	h.deltas = &fakeDeltas{ready: map[string]protocol.Manifest{}}
+	if err := h.c.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h.start()
+	full, _ := h.fw.Manifest("primehub", "7.28.0")
+	base := strings.Repeat("ab", 32)
+	patch := bytes.Repeat([]byte("patch"), 4000)
+	sum := sha256.Sum256(patch)
+	h.fw.blobs = map[string][]byte{hex.EncodeToString(sum[:]): patch}
+
+	r, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.c.DeviceConnected("d1", "primehub")
+	h.statusSHA("d1", "7.27.0", base) // the patch is being made: the job waits
+	h.c.DeviceDisconnected("d1")       // a stale disconnect, or a real drop
+	dm := full
+	dm.Delta = &protocol.Delta{Base: base, PatchSHA256: hex.EncodeToString(sum[:]), PatchSize: int64(len(patch)), Format: "test"}
+	h.deltas.mu.Lock()
+	h.deltas.ready[base] = dm
+	h.deltas.mu.Unlock()
+	h.c.DeltaReady(base, full.SHA256)
+	if got := h.job(r.ID, "d1").State; got != JobPending {
+		t.Fatalf("got state %s after the patch was ready for an offline device, want %s", got, JobPending)
+	}
+	if n := len(h.pub.on(protocol.Topic("d1", protocol.SuffixJob))); n != 0 {
+		t.Fatalf("got %d offers to an offline device, want 0", n)
+	}
+
+	h.c.DeviceConnected("d1", "primehub") // no status follows: it was handled already
+	if o := h.waitOffer("d1", 1); o.Manifest.Delta == nil || o.Size != int64(len(patch)) {
+		t.Fatalf("got offer of %d bytes, delta %v; want the %d-byte patch", o.Size, o.Manifest.Delta, len(patch))
+	}
+	if got := h.job(r.ID, "d1").State; got != JobOffered {
+		t.Fatalf("got state %s after the device came back, want %s", got, JobOffered)
+	}
+}
