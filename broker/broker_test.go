@@ -594,18 +594,7 @@ func TestInProcessWithPaho(t *testing.T) {
 	f := newFixture(t, nil)
 	const id = "dev-p"
 	received := make(chan paho.Message, 16)
-	o := paho.NewClientOptions().
-		AddBroker("tls://" + f.addr).
-		SetClientID(id).
-		SetTLSConfig(f.ca.DeviceTLS(t, id, "m-p")).
-		SetProtocolVersion(4).
-		SetAutoReconnect(false).
-		SetConnectRetry(false)
-	c := paho.NewClient(o)
-	if tok := c.Connect(); !tok.WaitTimeout(ioTimeout) || tok.Error() != nil {
-		t.Fatalf("paho connect: %v", tok.Error())
-	}
-	defer c.Disconnect(0)
+	c := pahoDevice(t, f.addr, f.ca.DeviceTLS(t, id, "m-p"), id)
 	if got := <-f.conns; got != [2]string{id, "m-p"} {
 		t.Fatalf("OnConnect: got %q, want [%s m-p]", got, id)
 	}
@@ -923,4 +912,23 @@ func TestFailedConnackLeavesNoEntry(t *testing.T) {
 	// The device's next connection works.
 	rc2 := f.subscribed("dev-gone")
 	f.roundTrip(rc2, "dev-gone")
+}
+
+// pahoDevice connects device id with paho over MQTT 3.1.1, the client library devicesim
+// uses, and disconnects it when the test ends.
+func pahoDevice(t *testing.T, addr string, cfg *tls.Config, id string) paho.Client {
+	t.Helper()
+	o := paho.NewClientOptions().
+		AddBroker("tls://" + addr).
+		SetClientID(id).
+		SetTLSConfig(cfg).
+		SetProtocolVersion(4).
+		SetAutoReconnect(false).
+		SetConnectRetry(false)
+	c := paho.NewClient(o)
+	if tok := c.Connect(); !tok.WaitTimeout(ioTimeout) || tok.Error() != nil {
+		t.Fatalf("paho connect: %v", tok.Error())
+	}
+	t.Cleanup(func() { c.Disconnect(0) })
+	return c
 }

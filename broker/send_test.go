@@ -415,18 +415,7 @@ func TestSendReachesDevice(t *testing.T) {
 	t.Run("MQTT 3.1.1 with paho", func(t *testing.T) {
 		const id = "dev-paho"
 		received := make(chan paho.Message, 8)
-		o := paho.NewClientOptions().
-			AddBroker("tls://" + f.addr).
-			SetClientID(id).
-			SetTLSConfig(f.ca.DeviceTLS(t, id, "m")).
-			SetProtocolVersion(4).
-			SetAutoReconnect(false).
-			SetConnectRetry(false)
-		c := paho.NewClient(o)
-		if tok := c.Connect(); !tok.WaitTimeout(ioTimeout) || tok.Error() != nil {
-			t.Fatalf("paho connect: %v", tok.Error())
-		}
-		defer c.Disconnect(0)
+		c := pahoDevice(t, f.addr, f.ca.DeviceTLS(t, id, "m"), id)
 		tok := c.Subscribe(chunkTopic(id), 1, func(_ paho.Client, m paho.Message) { received <- m })
 		if !tok.WaitTimeout(ioTimeout) || tok.Error() != nil {
 			t.Fatalf("paho subscribe: %v", tok.Error())

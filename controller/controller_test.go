@@ -492,19 +492,44 @@ func (f *fakeDeltas) Delta(base string, target protocol.Manifest) (protocol.Mani
 	return m, ok, nil
 }
 
-func TestDeltaOffers(t *testing.T) {
+// deltaHarness is a harness whose controller makes deltas: full is the target's manifest,
+// and patch (patchSHA) the patch from base, which the fake firmware serves once dm, its
+// manifest, is made ready.
+type deltaHarness struct {
+	*harness
+	full, dm       protocol.Manifest
+	base, patchSHA string
+	patch          []byte
+}
+
+func newDeltaHarness(t *testing.T) *deltaHarness {
 	h := newHarness(t)
 	h.deltas = &fakeDeltas{ready: map[string]protocol.Manifest{}}
 	if err := h.c.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	h.start()
-	full, _ := h.fw.Manifest("primehub", "7.28.0")
-	base := strings.Repeat("ab", 32)
-	patch := bytes.Repeat([]byte("patch"), 4000)
-	sum := sha256.Sum256(patch)
-	patchSHA := hex.EncodeToString(sum[:])
-	h.fw.blobs = map[string][]byte{patchSHA: patch}
+	d := &deltaHarness{harness: h, base: strings.Repeat("ab", 32), patch: bytes.Repeat([]byte("patch"), 4000)}
+	d.full, _ = h.fw.Manifest("primehub", "7.28.0")
+	sum := sha256.Sum256(d.patch)
+	d.patchSHA = hex.EncodeToString(sum[:])
+	h.fw.blobs = map[string][]byte{d.patchSHA: d.patch}
+	d.dm = d.full
+	d.dm.Delta = &protocol.Delta{Base: d.base, PatchSHA256: d.patchSHA, PatchSize: int64(len(d.patch)), Format: "test"}
+	return d
+}
+
+// patchReady makes the patch from base ready and tells the controller.
+func (d *deltaHarness) patchReady() {
+	d.deltas.mu.Lock()
+	d.deltas.ready[d.base] = d.dm
+	d.deltas.mu.Unlock()
+	d.c.DeltaReady(d.base, d.full.SHA256)
+}
+
+func TestDeltaOffers(t *testing.T) {
+	d := newDeltaHarness(t)
+	h, full, base, patch, patchSHA := d.harness, d.full, d.base, d.patch, d.patchSHA
 
 	r, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"})
 	if err != nil {
@@ -524,12 +549,7 @@ func TestDeltaOffers(t *testing.T) {
 		t.Fatalf("got offer %+v, want the full image", o)
 	}
 
-	dm := full
-	dm.Delta = &protocol.Delta{Base: base, PatchSHA256: patchSHA, PatchSize: int64(len(patch)), Format: "test"}
-	h.deltas.mu.Lock()
-	h.deltas.ready[base] = dm
-	h.deltas.mu.Unlock()
-	h.c.DeltaReady(base, full.SHA256)
+	d.patchReady()
 	o := h.waitOffer("d1", 1)
 	if o.Manifest.Delta == nil || o.Size != int64(len(patch)) {
 		t.Fatalf("got offer of %d bytes, delta %v; want the %d-byte patch", o.Size, o.Manifest.Delta, len(patch))
@@ -556,31 +576,16 @@ func TestDeltaOffers(t *testing.T) {
 // leaves the job pending. Connection events can arrive after the device's status on its new
 // connection, so the connect itself must put the job back in line for an offer.
 func TestPendingJobOfferedOnReconnect(t *testing.T) {
-	h := newHarness(t)
-	h.deltas = &fakeDeltas{ready: map[string]protocol.Manifest{}}
-	if err := h.c.Close(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	h.start()
-	full, _ := h.fw.Manifest("primehub", "7.28.0")
-	base := strings.Repeat("ab", 32)
-	patch := bytes.Repeat([]byte("patch"), 4000)
-	sum := sha256.Sum256(patch)
-	h.fw.blobs = map[string][]byte{hex.EncodeToString(sum[:]): patch}
-
+	d := newDeltaHarness(t)
+	h := d.harness
 	r, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	h.c.DeviceConnected("d1", "primehub")
-	h.statusSHA("d1", "7.27.0", base) // the patch is being made: the job waits
-	h.c.DeviceDisconnected("d1")       // a stale disconnect, or a real drop
-	dm := full
-	dm.Delta = &protocol.Delta{Base: base, PatchSHA256: hex.EncodeToString(sum[:]), PatchSize: int64(len(patch)), Format: "test"}
-	h.deltas.mu.Lock()
-	h.deltas.ready[base] = dm
-	h.deltas.mu.Unlock()
-	h.c.DeltaReady(base, full.SHA256)
+	h.statusSHA("d1", "7.27.0", d.base) // the patch is being made: the job waits
+	h.c.DeviceDisconnected("d1")        // a stale disconnect, or a real drop
+	d.patchReady()
 	if got := h.job(r.ID, "d1").State; got != JobPending {
 		t.Fatalf("got state %s after the patch was ready for an offline device, want %s", got, JobPending)
 	}
@@ -589,8 +594,8 @@ func TestPendingJobOfferedOnReconnect(t *testing.T) {
 	}
 
 	h.c.DeviceConnected("d1", "primehub") // no status follows: it was handled already
-	if o := h.waitOffer("d1", 1); o.Manifest.Delta == nil || o.Size != int64(len(patch)) {
-		t.Fatalf("got offer of %d bytes, delta %v; want the %d-byte patch", o.Size, o.Manifest.Delta, len(patch))
+	if o := h.waitOffer("d1", 1); o.Manifest.Delta == nil || o.Size != int64(len(d.patch)) {
+		t.Fatalf("got offer of %d bytes, delta %v; want the %d-byte patch", o.Size, o.Manifest.Delta, len(d.patch))
 	}
 	if got := h.job(r.ID, "d1").State; got != JobOffered {
 		t.Fatalf("got state %s after the device came back, want %s", got, JobOffered)
