@@ -2,9 +2,10 @@
 // ChunkRequest a device publishes on its req topic with one chunk frame on its chunk topic, read
 // from the artifact store at the requested offset and written to the device's connection by the
 // goroutine that read the request, the device's own. So a device's requests are served one
-// after another, and a device that stops reading blocks only itself until the broker's write
-// timeout closes its connection. The server bounds the frame bytes it holds over all devices
-// and can cap each device's rate. PROTOCOL.md ("Chunk frames") is the contract it implements.
+// after another, a device holds at most one frame (its chunk size plus the 20-byte header) in
+// the server at a time, and a device that stops reading blocks only itself until the broker's
+// write timeout closes its connection. The server bounds the frame bytes it holds over all
+// devices (Options.MaxInflight) and can cap each device's rate (Options.DeviceRate). PROTOCOL.md ("Chunk frames") is the contract it implements.
 package transfer
 
 import (
