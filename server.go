@@ -236,6 +236,7 @@ func (s *server) Close(ctx context.Context) error {
 type firmwareSource struct{ *firmware.Store }
 
 var _ controller.Firmware = firmwareSource{}
+var _ transfer.Reacher = (*broker.Broker)(nil) // chunk requests of a gone device skip the artifact read
 
 func (f firmwareSource) Manifest(model, version string) (protocol.Manifest, error) {
 	fw, err := f.Get(model, version)

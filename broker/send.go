@@ -88,6 +88,15 @@ func (b *Broker) Send(topic string, payload []byte) error {
 	return nil
 }
 
+// Reachable reports whether device id has a connection Send can write to now: its CONNACK is
+// out and the connection has not ended.
+func (b *Broker) Reachable(id string) bool {
+	b.mu.Lock()
+	s := b.live[id]
+	b.mu.Unlock()
+	return s != nil && s.up && !s.c.client.Closed()
+}
+
 // appendPublish appends a QoS 0 PUBLISH packet of payload on topic, for a client speaking MQTT
 // version (4: 3.1.1, 5: 5.0) that subscribed with subscription identifier subID (0: none).
 func appendPublish(dst []byte, topic string, payload []byte, version byte, subID int) ([]byte, error) {

@@ -1150,3 +1150,15 @@ func TestSendStats(t *testing.T) {
 		t.Fatalf("Stats().Sent after a Publish: got %d, want %d", got, want)
 	}
 }
+
+// TestReachable: a device is reachable from its CONNACK until its connection ends.
+func TestReachable(t *testing.T) {
+	f := newFixture(t, nil)
+	if f.b.Reachable("dev-r") {
+		t.Fatal("Reachable before the device connected: got true, want false")
+	}
+	rc := f.device("dev-r")
+	eventually(t, ioTimeout, "reachable once connected", func() bool { return f.b.Reachable("dev-r") })
+	_ = rc.conn.Close()
+	eventually(t, ioTimeout, "unreachable once its connection ended", func() bool { return !f.b.Reachable("dev-r") })
+}

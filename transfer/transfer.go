@@ -70,6 +70,14 @@ type Sender interface {
 	Send(topic string, payload []byte) error
 }
 
+// Reacher is an optional interface of a Sender that can tell cheaply whether a device can be
+// written to now (the broker can). A request from a device that cannot is dropped before its
+// artifact is read: after a write timeout closes a connection, its device's buffered requests
+// are still handed over.
+type Reacher interface {
+	Reachable(device string) bool
+}
+
 // Options configures a Server. Zero values mean the defaults above.
 type Options struct {
 	Lookup    Lookup // required
@@ -100,7 +108,7 @@ type Stats struct {
 	BusyRate    uint64            // "busy" answers because the device was far ahead of DeviceRate
 	BusyTotal   uint64            // "busy" answers because MaxInflight was reached
 	BadRequests uint64            // requests that were not a ChunkRequest, dropped unanswered
-	Dropped     uint64            // frames the sender failed to write (device gone, write timeout); the device asks again
+	Dropped     uint64            // frames not written: the device was gone or its write failed (timeout); the device asks again
 	Inflight    int64             // frame bytes held now, all devices
 }
 
@@ -188,6 +196,10 @@ func (s *Server) Handle(device string, payload []byte) {
 	}
 	defer s.leave()
 	s.requests.Add(1)
+	if r, ok := s.opts.Sender.(Reacher); ok && !r.Reachable(device) {
+		s.dropped.Add(1)
+		return
+	}
 
 	var req protocol.ChunkRequest
 	if len(payload) > maxRequestSize || json.Unmarshal(payload, &req) != nil {

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -1016,5 +1017,55 @@ func BenchmarkHandle(b *testing.B) {
 				b.Fatalf("got %+v, want chunks and no busy or paced answers", st)
 			}
 		})
+	}
+}
+
+// reachRecorder is a recorder that also says which devices can be written to.
+type reachRecorder struct {
+	*recorder
+	gone map[string]bool
+}
+
+func (r reachRecorder) Reachable(device string) bool { return !r.gone[device] }
+
+// countingArtifacts counts reads.
+type countingArtifacts struct {
+	*artifacts
+	reads atomic.Int32
+}
+
+func (c *countingArtifacts) ReadAt(sha string, p []byte, off int64) (int, error) {
+	c.reads.Add(1)
+	return c.artifacts.ReadAt(sha, p, off)
+}
+
+// TestUnreachableDeviceSkipsRead: a request from a device whose connection has ended (its
+// requests may still be handed over after a write timeout closed it) costs no artifact read
+// and sends nothing; a reachable device is served as before.
+func TestUnreachableDeviceSkipsRead(t *testing.T) {
+	var arts *countingArtifacts
+	rr := reachRecorder{recorder: &recorder{}, gone: map[string]bool{"dev-1": true}}
+	f := newFixture(t, func(o *Options) {
+		arts = &countingArtifacts{artifacts: o.Artifacts.(*artifacts)}
+		o.Artifacts = arts
+		o.Sender = rr
+	})
+	f.pub = rr.recorder
+	f.xfer["dev-2"] = f.xfer["dev-1"]
+
+	f.srv.Handle("dev-1", request("r1-1", 0, 1024))
+	if n := arts.reads.Load(); n != 0 {
+		t.Fatalf("got %d artifact reads for an unreachable device, want 0", n)
+	}
+	if msgs := f.pub.take(); len(msgs) != 0 {
+		t.Fatalf("got %d messages to an unreachable device, want 0", len(msgs))
+	}
+	if st := f.srv.Stats(); st.Dropped != 1 || st.Requests != 1 || st.Chunks != 0 {
+		t.Fatalf("Stats: got Dropped %d Requests %d Chunks %d, want 1, 1, 0", st.Dropped, st.Requests, st.Chunks)
+	}
+
+	fr := f.one(t, "dev-2", request("r1-1", 0, 1024))
+	if fr.Kind != protocol.FrameData || len(fr.Payload) != 1024 || arts.reads.Load() != 1 {
+		t.Fatalf("reachable device: got frame kind %d of %d bytes after %d reads, want data of 1024 after 1", fr.Kind, len(fr.Payload), arts.reads.Load())
 	}
 }
