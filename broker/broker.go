@@ -28,9 +28,26 @@ const (
 	DefaultConnectTimeout = 10 * time.Second
 	DefaultKeepaliveMin   = 10  // seconds
 	DefaultKeepaliveMax   = 600 // seconds
-	DefaultWritesPending  = 256
 	DefaultWriteTimeout   = 30 * time.Second
+
+	// DefaultWritesPending is each connection's outbound queue, which only Publish (job
+	// messages) uses: Send writes chunk frames straight to the socket. The controller queues
+	// at most one offer per device and publishes it from one of a few offer workers, so a
+	// device that reads has a handful queued at most; but while Send holds a device's
+	// connection, QoS 0 messages queue without waiting and QoS 1 ones in the gaps between
+	// frames, and a burst of 100 job messages must still arrive then
+	// (TestSendConcurrentWithPublish; the queue holds all but the one being written). The
+	// queue is a channel allocated in full for every connection: 256 cost 2 KiB per device,
+	// 128 cost 1 KiB (BenchmarkIdleDevice).
+	DefaultWritesPending = 128
 )
+
+// clientReadBuffer is the size of the buffered reader Mochi puts in front of each connection
+// (its default is 2 KiB, held by every idle device). Devices send small JSON messages and
+// chunk requests, a few hundred bytes, and Mochi reads the part of a packet that does not fit
+// straight into the packet's own slice, so 512 bytes save 1.5 KiB per device
+// (BenchmarkIdleDevice) and cost a larger packet one more read call.
+const clientReadBuffer = 512
 
 // takeoverWait bounds how long a device's new connection waits for its old one to end.
 const takeoverWait = 2 * time.Second
@@ -60,8 +77,9 @@ type Options struct {
 	// asking 0 (none) gets KeepaliveMax, so every connection has a read deadline.
 	KeepaliveMin, KeepaliveMax uint16
 
-	// WritesPending is each connection's outbound queue length; a message to a full queue is
-	// dropped and counted in Stats.Dropped. Mochi's default of 8192 costs ~124 KiB per connection.
+	// WritesPending is each connection's outbound queue length, for Publish; a message to a
+	// full queue is dropped and counted in Stats.Dropped. Mochi's default of 8192 costs
+	// ~124 KiB per connection.
 	WritesPending int32
 
 	// WriteTimeout bounds each write to a device; a device that stops reading is disconnected
@@ -179,9 +197,10 @@ func New(opts Options) (*Broker, error) {
 	caps.TopicAliasMaximum = 0
 	caps.MinimumProtocolVersion = 4 // 3.1.1 and 5
 	b.srv = mqtt.New(&mqtt.Options{
-		Capabilities: caps,
-		Logger:       slog.New(mochiHandler{b.log.Handler().WithAttrs([]slog.Attr{slog.String("lib", "mochi")})}),
-		InlineClient: true,
+		Capabilities:            caps,
+		ClientNetReadBufferSize: clientReadBuffer,
+		Logger:                  slog.New(mochiHandler{b.log.Handler().WithAttrs([]slog.Attr{slog.String("lib", "mochi")})}),
+		InlineClient:            true,
 		// Nobody may read $SYS; refreshing it every second only costs a ReadMemStats.
 		SysTopicResendInterval: 24 * 60 * 60,
 	})
