@@ -351,15 +351,6 @@ func (b *Broker) ensureRoutable(id string) {
 	}
 }
 
-// reconnected reports whether device id has a connection whose CONNACK is out: a disconnect
-// of an older connection queued before that one's connect is stale.
-func (b *Broker) reconnected(id string) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	s := b.live[id]
-	return s != nil && s.up
-}
-
 // Stats returns the broker's counters.
 func (b *Broker) Stats() Stats {
 	b.mu.Lock()

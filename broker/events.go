@@ -91,7 +91,7 @@ func (e *events) deliver(ev event) {
 	case ev.connect && e.onConnect != nil:
 		e.onConnect(ev.id, ev.model)
 	case !ev.connect && e.onDisconnect != nil:
-		if e.b.reconnected(ev.id) {
+		if e.b.Reachable(ev.id) {
 			// A newer connection is up and its connect is queued behind this: the device
 			// never left. Delivered late, this would mark offline a device whose messages
 			// on the new connection were already handled.
