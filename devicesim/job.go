@@ -384,7 +384,10 @@ func (d *Device) verify(m protocol.Manifest, data []byte) ([]byte, error) {
 	if err := firmware.VerifyPatch(m, data); err != nil {
 		return nil, verdict(err)
 	}
-	img, err := delta.Apply(d.flash.installed(), bytes.NewReader(data), m.Size)
+	base := d.flash.installed()
+	img, err := d.flash.images.apply(d.flash.state.SHA256, m.Delta.PatchSHA256, func() ([]byte, error) {
+		return delta.Apply(base, bytes.NewReader(data), m.Size)
+	})
 	if err != nil {
 		// A signed patch that does not apply: it was made from another base, or it cannot
 		// build the signed image.

@@ -3,6 +3,7 @@ package devicesim
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -176,5 +177,49 @@ func TestStateDirFor(t *testing.T) {
 	}
 	if got, err := stateDirFor("/s", "dev-1"); err != nil || got != filepath.Join("/s", "dev-1") {
 		t.Errorf("stateDirFor(dev-1): got %q, %v; want /s/dev-1", got, err)
+	}
+}
+
+// TestImageCacheApply: a fleet builds each (base, patch) pair once and shares the image; a
+// failure is each device's own; a lone device (nil cache) always builds.
+func TestImageCacheApply(t *testing.T) {
+	builds := 0
+	build := func(img []byte, err error) func() ([]byte, error) {
+		return func() ([]byte, error) { builds++; return img, err }
+	}
+	var c imageCache
+	first, err := c.apply("b1", "p1", build([]byte("one"), nil))
+	if err != nil || string(first) != "one" {
+		t.Fatalf("first apply: got %q, %v; want one, nil", first, err)
+	}
+	again, err := c.apply("b1", "p1", build([]byte("other"), nil))
+	if err != nil || string(again) != "one" || builds != 1 {
+		t.Fatalf("same pair again: got %q, %v after %d builds; want one, nil after 1", again, err, builds)
+	}
+	for _, k := range [][2]string{{"b2", "p1"}, {"b1", "p2"}} {
+		if img, _ := c.apply(k[0], k[1], build([]byte(k[0]+k[1]), nil)); string(img) != k[0]+k[1] {
+			t.Fatalf("pair %v: got %q, want %q", k, img, k[0]+k[1])
+		}
+	}
+	if builds != 3 {
+		t.Fatalf("got %d builds for 3 pairs, want 3", builds)
+	}
+	failed := errors.New("wrong base")
+	for range 2 {
+		if _, err := c.apply("b3", "p3", build(nil, failed)); !errors.Is(err, failed) {
+			t.Fatalf("failing build: got %v, want %v", err, failed)
+		}
+	}
+	if builds != 5 {
+		t.Fatalf("got %d builds after two failures of one pair, want 5: a failure must not be kept", builds)
+	}
+	var lone *imageCache
+	for range 2 {
+		if _, err := lone.apply("b1", "p1", build([]byte("x"), nil)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if builds != 7 {
+		t.Fatalf("got %d builds, want 7: a device without a fleet cache builds every time", builds)
 	}
 }

@@ -108,7 +108,9 @@ func figFleet(ctx context.Context, s *suite) (string, error) {
 		"`fota certs init`, `fota firmware add` of primehub %s (counter 1, only for delta rows: with no base stored, devices get the full image) and %s (counter 2), "+
 		"`fota sim --devices N --model primehub --version %s --counter 1 --image ... --pubkey DATA/release.pub --until-updated`, "+
 		"`fota device list --json` until all N are online, `fota rollout create --max-concurrent C` (C = the smaller of N and %d, unless the row says otherwise), `fota rollout show --json` until all N installed. "+
-		"Median of %d repetition(s), the configurations interleaved.\n\n", baseVersion, targetVersion, baseVersion, cfg.maxConcurrent, cfg.fleetReps)
+		"Median of %d repetition(s), the configurations interleaved. "+
+		"A simulator process applies each distinct patch to each distinct base once and shares the image among its devices, as a real fleet applies patches on its devices' own processors, not on the server's; "+
+		"every device still checks the patch and the image it installs against the signed manifest.\n\n", baseVersion, targetVersion, baseVersion, cfg.maxConcurrent, cfg.fleetReps)
 	b.WriteString("- **all installed**: from `rollout create` to the last job's finish in the server's records (its clock); it includes making the delta patch, which the server starts when the rollout is created. **first offer → all installed** leaves that out.\n")
 	b.WriteString("- **server CPU per GB**: the server's user+system CPU (/proc/PID/stat) from `rollout create` to the end, per 10^9 bytes of artifacts (patch or image) the installed devices downloaded; cores busy is that CPU over the same wall time, for the server and for the simulators.\n")
 	b.WriteString("- **other cores**: CPU of every other process on the machine (/proc/stat) over the same time: the fota CLI polling, and whatever else runs on a shared machine.\n")
