@@ -5,11 +5,13 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/tls"
+	"encoding/json"
 	"io"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -159,9 +161,29 @@ func TestEndToEnd(t *testing.T) {
 					t.Errorf("device %s: got version %s, want %s", d.ID, d.Version, demoTo)
 				}
 			}
+			// The live counters, through the CLI: every device had a session before and after
+			// its reboot, and was sent at least one chunk.
+			var out, errOut bytes.Buffer
+			if code := run([]string{"stats", "--json", "--server", "https://" + srv.api.Addr().String(), "--certs", certsDir}, &out, &errOut); code != 0 {
+				t.Fatalf("fota stats: exit %d: %s", code, errOut.String())
+			}
+			var st map[string]map[string]float64
+			if err := json.Unmarshal(out.Bytes(), &st); err != nil {
+				t.Fatalf("fota stats --json: %v in %q", err, out.String())
+			}
+			if st["broker"]["Sessions"] < 2*n || st["transfer"]["Chunks"] < n || st["controller"]["Commits"] < 1 || st["broker"]["Panics"] != 0 {
+				t.Fatalf("got stats %v, want broker.Sessions >= %d, transfer.Chunks >= %d, controller.Commits >= 1, no panics", st, 2*n, n)
+			}
+			out.Reset()
+			if code := run([]string{"stats", "--server", "https://" + srv.api.Addr().String(), "--certs", certsDir}, &out, &errOut); code != 0 || !statsRow.MatchString(out.String()) {
+				t.Fatalf("fota stats: exit %d, output %q, want a table with a row: transfer Chunks N", code, out.String())
+			}
 		})
 	}
 }
+
+// statsRow is a row of `fota stats`: part, counter, value.
+var statsRow = regexp.MustCompile(`(?m)^transfer +Chunks +[1-9][0-9]*$`)
 
 // TestRevokeLiveServer revokes a connected device with the CLI: the running server closes its
 // connection and refuses it from then on, without a restart.

@@ -38,6 +38,7 @@ func commands() []command {
 		{"delta", "make and apply delta patches", runDelta},
 		{"rollout", "create, watch, pause, resume and cancel rollouts", runRollout},
 		{"device", "list, show and tag devices", runDevice},
+		{"stats", "print the server's live counters", runStats},
 		{"version", "print the version", runVersion},
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -171,6 +172,7 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	}
 	s.api, err = api.New(api.Options{
 		Addr: cfg.APIAddr, TLS: apiTLS, Rollouts: ctrl, Firmware: s.store, Logger: log,
+		Stats: s.stats,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("admin api: %w", err)
@@ -236,6 +238,48 @@ func (s *server) Close(ctx context.Context) error {
 type firmwareSource struct{ *firmware.Store }
 
 var _ controller.Firmware = firmwareSource{}
+
+// stats returns the live counters of the broker, the chunk server and the controller, each
+// as a flat object of numbers (a nested count, like the chunk server's error frames by code,
+// becomes "ErrorFrames.busy").
+func (s *server) stats() map[string]any {
+	cs := s.ctrl.Stats()
+	return map[string]any{
+		"broker":   flatCounters(s.broker.Stats()),
+		"transfer": flatCounters(s.chunks.Stats()),
+		"controller": map[string]uint64{
+			"BadMessages": cs.BadMessages.Load(), "StaleEvents": cs.StaleEvents.Load(),
+			"Commits": cs.Commits.Load(), "Writes": cs.Writes.Load(), "FailedWrites": cs.FailedWrites.Load(),
+		},
+	}
+}
+
+// flatCounters turns a struct of counters into a flat map by field name.
+func flatCounters(v any) map[string]float64 {
+	out := make(map[string]float64)
+	b, err := json.Marshal(v)
+	if err != nil {
+		return out
+	}
+	var m map[string]any
+	if json.Unmarshal(b, &m) != nil {
+		return out
+	}
+	var walk func(prefix string, m map[string]any)
+	walk = func(prefix string, m map[string]any) {
+		for k, v := range m {
+			switch x := v.(type) {
+			case float64:
+				out[prefix+k] = x
+			case map[string]any:
+				walk(prefix+k+".", x)
+			}
+		}
+	}
+	walk("", m)
+	return out
+}
+
 var _ transfer.Reacher = (*broker.Broker)(nil) // chunk requests of a gone device skip the artifact read
 
 func (f firmwareSource) Manifest(model, version string) (protocol.Manifest, error) {

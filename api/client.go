@@ -82,6 +82,13 @@ func (c *Client) Health(ctx context.Context) error {
 	return err
 }
 
+// Stats returns the server's live counters by part, each a map from counter to value.
+func (c *Client) Stats(ctx context.Context) (map[string]map[string]float64, error) {
+	var v map[string]map[string]float64
+	_, err := c.do(ctx, http.MethodGet, pathStats, nil, nil, nil, -1, &v)
+	return v, err
+}
+
 // AddFirmware uploads an image for the server to sign; see UploadFirmware.
 func (c *Client) AddFirmware(ctx context.Context, model, version, notes string, body io.Reader) (firmware.Firmware, bool, error) {
 	return c.UploadFirmware(ctx, FirmwareUpload{Model: model, Version: version, Notes: notes, Body: body})

@@ -24,6 +24,7 @@ const (
 	pathFirmware = "/api/v1/firmware"
 	pathRollouts = "/api/v1/rollouts"
 	pathDevices  = "/api/v1/devices"
+	pathStats    = "/api/v1/stats"
 	pathOpenAPI  = "/api/openapi.json"
 )
 
@@ -64,6 +65,7 @@ type route struct {
 func (s *Server) routeList() []route {
 	return []route{
 		{http.MethodGet, pathHealth, s.health},
+		{http.MethodGet, pathStats, s.stats},
 		{http.MethodGet, pathOpenAPI, s.openAPI},
 		{http.MethodPost, pathFirmware, s.addFirmware},
 		{http.MethodGet, pathFirmware, s.listFirmware},
@@ -209,6 +211,18 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
 
 func (s *Server) health(w http.ResponseWriter, r *http.Request) error {
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	return nil
+}
+
+// stats returns the live counters: what an operator watches besides rollouts (devices
+// connected, messages dropped, chunk requests answered busy, state commits).
+func (s *Server) stats(w http.ResponseWriter, r *http.Request) error {
+	if s.opts.Stats == nil {
+		return errStatus(http.StatusNotFound, "this server keeps no counters")
+	}
+	h := w.Header()
+	h.Set("Cache-Control", "no-store")
+	writeJSON(w, http.StatusOK, s.opts.Stats())
 	return nil
 }
 

@@ -106,6 +106,9 @@ type Options struct {
 	Logger *slog.Logger
 	// MaxUpload is the largest firmware image accepted, in bytes; default DefaultMaxUpload.
 	MaxUpload int64
+	// Stats, when set, returns the server's live counters by part (broker, transfer,
+	// controller), for GET /api/v1/stats; each part is a JSON object of numbers.
+	Stats func() map[string]any
 }
 
 // Server is the admin API server. Start it, then Close it.

@@ -545,3 +545,35 @@ func TestCloseStopsServing(t *testing.T) {
 		t.Errorf("Health after Close: got %v, want cannot reach", err)
 	}
 }
+
+func TestStats(t *testing.T) {
+	ctx := context.Background()
+	t.Run("counters", func(t *testing.T) {
+		calls := 0
+		e := start(t, func(o *Options) {
+			o.Stats = func() map[string]any {
+				calls++
+				return map[string]any{
+					"broker":   map[string]float64{"Connected": float64(calls), "Dropped": 0},
+					"transfer": map[string]uint64{"ErrorFrames.busy": 7},
+				}
+			}
+		})
+		c := e.admin(t)
+		for want := 1; want <= 2; want++ { // live, not cached
+			got, err := c.Stats(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got["broker"]["Connected"] != float64(want) || got["transfer"]["ErrorFrames.busy"] != 7 || len(got) != 2 {
+				t.Fatalf("call %d: got %v, want broker.Connected %d and transfer.ErrorFrames.busy 7", want, got, want)
+			}
+		}
+	})
+	t.Run("none kept", func(t *testing.T) {
+		_, err := start(t).admin(t).Stats(ctx)
+		if status, msg := statusOf(t, err); status != http.StatusNotFound || msg != "this server keeps no counters" {
+			t.Fatalf("got %d %q, want 404 \"this server keeps no counters\"", status, msg)
+		}
+	})
+}
