@@ -174,24 +174,15 @@ type listTable[T any] struct {
 	cells  func(T) []string // one row per item
 }
 
-// runList is every list command: the admin flags and --json, one API call, then the items as
-// JSON or as a table.
+// runList is every list command: runQuery with one API call, then the items as JSON or as a
+// table.
 func runList[T any](cmd string, args []string, stdout io.Writer, fetch func(*api.Client, context.Context) ([]T, error), t listTable[T]) error {
-	fs := newFlags(cmd, stdout)
-	af := addAdminFlags(fs)
-	asJSON := fs.Bool("json", false, "print as JSON")
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	if err := af.check(cmd); err != nil {
-		return err
-	}
-	return af.callAPI(cmd, func(ctx context.Context, c *api.Client) error {
+	return runQuery(cmd, args, stdout, func(ctx context.Context, c *api.Client, asJSON bool) error {
 		list, err := fetch(c, ctx)
 		if err != nil {
 			return err
 		}
-		if *asJSON {
+		if asJSON {
 			return printJSON(stdout, list)
 		}
 		if len(list) == 0 {
@@ -205,6 +196,21 @@ func runList[T any](cmd string, args []string, stdout io.Writer, fetch func(*api
 		}
 		return tw.Flush()
 	})
+}
+
+// runQuery is every read-only command without arguments: the admin flags and --json, then
+// show with a client of the admin API.
+func runQuery(cmd string, args []string, stdout io.Writer, show func(ctx context.Context, c *api.Client, asJSON bool) error) error {
+	fs := newFlags(cmd, stdout)
+	af := addAdminFlags(fs)
+	asJSON := fs.Bool("json", false, "print as JSON")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if err := af.check(cmd); err != nil {
+		return err
+	}
+	return af.callAPI(cmd, func(ctx context.Context, c *api.Client) error { return show(ctx, c, *asJSON) })
 }
 
 // checkModel and checkVersion check a release's flags before anything is sent, as usage

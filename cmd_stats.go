@@ -13,22 +13,12 @@ import (
 
 // runStats prints the server's live counters, one per line: part, counter, value.
 func runStats(args []string, stdout io.Writer) error {
-	const cmd = "stats"
-	fs := newFlags(cmd, stdout)
-	af := addAdminFlags(fs)
-	asJSON := fs.Bool("json", false, "print as JSON")
-	if err := parseFlags(fs, args, 0); err != nil {
-		return err
-	}
-	if err := af.check(cmd); err != nil {
-		return err
-	}
-	return af.callAPI(cmd, func(ctx context.Context, c *api.Client) error {
+	return runQuery("stats", args, stdout, func(ctx context.Context, c *api.Client, asJSON bool) error {
 		st, err := c.Stats(ctx)
 		if err != nil {
 			return err
 		}
-		if *asJSON {
+		if asJSON {
 			return printJSON(stdout, st)
 		}
 		tw := newTable(stdout)
