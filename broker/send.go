@@ -93,8 +93,9 @@ func (b *Broker) Send(topic string, payload []byte) error {
 func (b *Broker) Reachable(id string) bool {
 	b.mu.Lock()
 	s := b.live[id]
+	up := s != nil && s.up
 	b.mu.Unlock()
-	return s != nil && s.up && !s.c.client.Closed()
+	return up && !s.c.client.Closed()
 }
 
 // appendPublish appends a QoS 0 PUBLISH packet of payload on topic, for a client speaking MQTT
