@@ -99,9 +99,9 @@ type Config struct {
 	// frames received. It counts frames rather than time, so that a run is repeatable and
 	// each cut lands in the middle of a transfer.
 	DisconnectEvery int
-	// PowerLossRate is the probability, per chunk frame received, that the device loses
-	// power: the connection is cut, nothing more reaches its flash, and what it held only in
-	// memory is gone. It then boots from StateDir, resuming its job from the last
+	// PowerLossRate is the probability, per chunk frame received during a download, that
+	// the device loses power: the connection is cut, nothing more reaches its flash, and what
+	// it held only in memory is gone. It then boots from StateDir, resuming its job from the last
 	// checkpoint; without a StateDir its firmware survives (the simulated flash is memory)
 	// but its download does not, and the job starts over when the server offers it again.
 	PowerLossRate float64

@@ -60,7 +60,10 @@ func (d *Device) chance(p float64) bool {
 // errPowerLoss or errCut when a fault ends the session.
 func (d *Device) onFrame(s *session, b []byte, now time.Time) error {
 	d.stats.frames.Add(1)
-	if d.chance(d.cfg.PowerLossRate) {
+	// Power is lost only in the middle of a download, where it costs something: a frame
+	// that arrives before the offer (one the broker routed to this connection in answer to
+	// the previous one's requests) would otherwise count a loss that interrupted nothing.
+	if j := d.job; j != nil && j.state == protocol.StateDownloading && d.chance(d.cfg.PowerLossRate) {
 		d.stats.powerLosses.Add(1)
 		return errPowerLoss
 	}
