@@ -123,20 +123,17 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("broker: %w", err)
 	}
-	// Delta patches need the release key: each patch gets its own signed manifest.
-	var deltas controller.Deltas
-	if s.store.CanSign() {
-		s.patcher, err = firmware.NewPatcher(firmware.PatcherOptions{
-			Store: s.store, DB: s.db, Logger: log,
-			OnReady: func(base, target string) { ctrl.DeltaReady(base, target) },
-		})
-		if err != nil {
-			return nil, err
-		}
-		deltas = s.patcher
+	// Each delta patch has its own signed manifest. With the release key the Patcher makes
+	// and signs them; offline it serves those signed offline and added with 'fota delta add'.
+	s.patcher, err = firmware.NewPatcher(firmware.PatcherOptions{
+		Store: s.store, DB: s.db, Logger: log,
+		OnReady: func(base, target string) { ctrl.DeltaReady(base, target) },
+	})
+	if err != nil {
+		return nil, err
 	}
 	ctrl, err = controller.New(controller.Options{
-		DB: s.db, Publisher: s.broker, Firmware: firmwareSource{s.store}, Deltas: deltas, Logger: log,
+		DB: s.db, Publisher: s.broker, Firmware: firmwareSource{s.store}, Deltas: s.patcher, Logger: log,
 	})
 	if err != nil {
 		return nil, err

@@ -27,6 +27,10 @@ var bucketDeltas = []byte("deltas")
 type deltaRecord struct {
 	Manifest *protocol.Manifest `json:"manifest,omitempty"` // signed, with Delta set
 	Refused  string             `json:"refused,omitempty"`  // why there is no delta
+	// Uploaded marks a patch signed offline and added with Store.AddDelta; Verified, that
+	// the store saw it rebuild the target (it always does for the ones it makes).
+	Uploaded bool `json:"uploaded,omitempty"`
+	Verified bool `json:"verified,omitempty"`
 }
 
 // PatcherOptions configure a Patcher. Store and DB are required, and DB must be the Store's:
@@ -149,10 +153,11 @@ func (p *Patcher) Close(ctx context.Context) error {
 
 func pairKey(base, target string) string { return base + ":" + target }
 
-// Delta returns the signed manifest of a delta from the image with sha base to target. ready
-// is false while the patch is being made (it has been queued); err says why no delta is
-// offered for this pair: the base is unknown here, the patch is not small enough, or
-// manifests are signed offline.
+// Delta returns the signed manifest of a delta from the image with sha base to target: one
+// the Patcher made, or one signed offline and added with Store.AddDelta. ready is false while
+// the patch is being made (it has been queued); err says why no delta is offered for this
+// pair: the base is unknown here, the patch is not small enough, or manifests are signed
+// offline and none was added for the pair.
 func (p *Patcher) Delta(base string, target protocol.Manifest) (m protocol.Manifest, ready bool, err error) {
 	base, ok := validSHA(base)
 	if !ok {
@@ -180,6 +185,9 @@ func (p *Patcher) Delta(base string, target protocol.Manifest) (m protocol.Manif
 			return m, false, errors.New("no delta: " + rec.Refused)
 		}
 		return *rec.Manifest, true, nil
+	}
+	if !p.opts.Store.CanSign() {
+		return m, false, errors.New("no delta: manifests are signed offline; sign one with 'fota delta sign' and add it with 'fota delta add'")
 	}
 	if _, err := p.opts.Store.Path(base); err != nil {
 		return m, false, errors.New("no delta: base image is not in the store")
@@ -217,7 +225,11 @@ func (p *Patcher) make(j patchJob) {
 	if p.beforeVerdict != nil {
 		p.beforeVerdict(j.base, j.target.SHA256)
 	}
-	stored, err := p.opts.Store.commitDelta(key, j.target.SHA256, rec, u)
+	target, _ := validSHA(j.target.SHA256)
+	stored, _, err := p.opts.Store.commitDelta(key, rec, u, func(tx *bolt.Tx) (bool, error) {
+		images, err := firmwareSHAs(tx)
+		return images[target], err
+	})
 	p.done(key)
 	switch {
 	case err != nil:
@@ -311,30 +323,42 @@ func (p *Patcher) readArtifact(sha string) ([]byte, error) {
 // shortcut rely on it, between the decision and the removal.
 
 // commitDelta stores the verdict rec on the pair key and installs its patch u (nil for a
-// refusal), provided a firmware record still names target. stored is false when none does:
-// the target was deleted while its patch was being made, and then nothing is installed.
-func (s *Store) commitDelta(key, target string, rec deltaRecord, u *upload) (stored bool, err error) {
+// refusal), provided still, run in the same transaction, reports that the target is still
+// there. stored is false when it is not: the target was deleted while the patch was being
+// made or uploaded, and then nothing is installed. created is false when the pair already had
+// this very verdict. A patch the replaced verdict named, and no record names any more, is
+// removed.
+func (s *Store) commitDelta(key string, rec deltaRecord, u *upload, still func(*bolt.Tx) (bool, error)) (stored, created bool, err error) {
 	data, err := json.Marshal(rec)
 	if err != nil {
-		return false, fmt.Errorf("encode delta verdict: %w", err)
+		return false, false, fmt.Errorf("encode delta verdict: %w", err)
 	}
-	target, _ = validSHA(target)
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
 	installed := false
+	var unnamed []string
 	err = s.db.Update(func(tx *bolt.Tx) error {
-		stored, installed = false, false
-		images, err := firmwareSHAs(tx)
-		if err != nil {
+		stored, created, installed, unnamed = false, false, false, nil
+		ok, err := still(tx)
+		if err != nil || !ok {
 			return err
 		}
-		if !images[target] {
-			return nil
-		}
-		if err := tx.Bucket(bucketDeltas).Put([]byte(key), data); err != nil {
+		b := tx.Bucket(bucketDeltas)
+		old := b.Get([]byte(key))
+		created = !bytes.Equal(old, data)
+		if err := b.Put([]byte(key), data); err != nil {
 			return err
 		}
 		stored = true
+		if p := patchOf(old); p != "" && (rec.Manifest == nil || p != rec.Manifest.Delta.PatchSHA256) {
+			named, err := namedSHAs(tx)
+			if err != nil {
+				return err
+			}
+			if !named[p] {
+				unnamed = append(unnamed, p)
+			}
+		}
 		if u == nil {
 			return nil
 		}
@@ -350,9 +374,12 @@ func (s *Store) commitDelta(key, target string, rec deltaRecord, u *upload) (sto
 				s.log.Warn("remove orphan patch", "sha256", u.sha, "err", rerr)
 			}
 		}
-		return false, fmt.Errorf("store delta verdict: %w", err)
+		return false, false, fmt.Errorf("store delta verdict: %w", err)
 	}
-	return stored, nil
+	if _, err := s.removePatches(unnamed); err != nil {
+		s.log.Warn("remove replaced patch", "err", err)
+	}
+	return stored, created, nil
 }
 
 // sweepDeltas drops the verdicts whose target no firmware record names, and removes every

@@ -100,11 +100,15 @@ func Open(opts Options) (*Store, error) {
 		return nil, fmt.Errorf("open firmware store: %w", err)
 	}
 	err := s.db.Update(func(tx *bbolt.Tx) error {
-		_, err := tx.CreateBucketIfNotExists(bucketName)
-		return err
+		for _, name := range [][]byte{bucketName, bucketDeltas} {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("open firmware store: create bucket: %w", err)
+		return nil, fmt.Errorf("open firmware store: create buckets: %w", err)
 	}
 	if err := s.checkSignatures(); err != nil {
 		return nil, fmt.Errorf("open firmware store: %w", err)
