@@ -141,6 +141,29 @@ func (c *Client) UploadFirmware(ctx context.Context, u FirmwareUpload) (firmware
 	return f, status == http.StatusCreated, nil
 }
 
+// UploadDelta adds a delta patch signed offline ('fota delta sign'): m is its signed delta
+// manifest, body the patch. created is false when the server held this very delta already.
+func (c *Client) UploadDelta(ctx context.Context, m protocol.Manifest, body io.Reader) (firmware.Delta, bool, error) {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return firmware.Delta{}, false, fmt.Errorf("encode manifest: %w", err)
+	}
+	hdr := http.Header{headerManifest: {base64.StdEncoding.EncodeToString(b)}}
+	var d firmware.Delta
+	status, err := c.do(ctx, http.MethodPost, pathDeltas, nil, hdr, body, bodySize(body), &d)
+	if err != nil {
+		return firmware.Delta{}, false, err
+	}
+	return d, status == http.StatusCreated, nil
+}
+
+// ListDeltas returns the delta patches the server offers, and the pairs it refused one.
+func (c *Client) ListDeltas(ctx context.Context) ([]firmware.Delta, error) {
+	var list []firmware.Delta
+	_, err := c.do(ctx, http.MethodGet, pathDeltas, nil, nil, nil, -1, &list)
+	return list, err
+}
+
 // bodySize returns the number of bytes left in r, or -1 if that is unknown.
 func bodySize(r io.Reader) int64 {
 	switch b := r.(type) {

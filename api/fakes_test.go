@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/protocol"
 )
 
 // fakeRollouts serves fixed data, or err for every call when set.
@@ -265,6 +267,14 @@ func (s *fakeStore) Add(ctx context.Context, req firmware.AddRequest) (firmware.
 	s.bodies[key] = body
 	return f, true, nil
 }
+
+// AddDelta and Deltas are served by the real store in the tests that use them
+// (deltas_test.go); the fake has none.
+func (s *fakeStore) AddDelta(context.Context, protocol.Manifest, io.Reader) (firmware.Delta, bool, error) {
+	return firmware.Delta{}, false, errors.New("fakeStore holds no deltas")
+}
+
+func (s *fakeStore) Deltas() ([]firmware.Delta, error) { return nil, nil }
 
 func (s *fakeStore) List() ([]firmware.Firmware, error) {
 	s.mu.Lock()

@@ -15,6 +15,7 @@ import (
 	"github.com/fota-dev/fota/certs"
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/firmware/delta"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -70,6 +71,8 @@ func (s *Server) routeList() []route {
 		{http.MethodPost, pathFirmware, s.addFirmware},
 		{http.MethodGet, pathFirmware, s.listFirmware},
 		{http.MethodDelete, pathFirmware + "/{model}/{version}", s.deleteFirmware},
+		{http.MethodPost, pathDeltas, s.addDelta},
+		{http.MethodGet, pathDeltas, s.listDeltas},
 		{http.MethodPost, pathRollouts, s.createRollout},
 		{http.MethodGet, pathRollouts, s.listRollouts},
 		{http.MethodGet, pathRollouts + "/{id}", s.getRollout},
@@ -167,7 +170,7 @@ func (s *Server) classify(err error) (int, string) {
 		errors.Is(err, firmware.ErrBadModel), errors.Is(err, firmware.ErrEmpty),
 		errors.Is(err, firmware.ErrUnsigned), errors.Is(err, firmware.ErrBadSignature),
 		errors.Is(err, firmware.ErrBadManifest), errors.Is(err, firmware.ErrManifestMismatch),
-		errors.Is(err, firmware.ErrExpired):
+		errors.Is(err, firmware.ErrExpired), errors.Is(err, delta.ErrBadPatch):
 		return http.StatusBadRequest, err.Error()
 	case errors.Is(err, controller.ErrConflict), errors.Is(err, firmware.ErrConflict),
 		errors.Is(err, firmware.ErrInUse):

@@ -20,6 +20,11 @@
 // without the signing key, a manifest not signed by the release key, or one that does not
 // describe the image, is refused with 400 and nothing is stored.
 //
+// Adding a delta patch signed offline ('fota delta sign') is POST /api/v1/deltas with the
+// patch as the body and its signed delta manifest in the Fota-Manifest header; the manifest
+// must repeat the stored target's exactly, apart from its delta. GET /api/v1/deltas lists the
+// patches the server offers and the pairs it refused one.
+//
 // DELETE /api/v1/firmware/{model}/{version} removes a record and its artifact (204), unless an
 // unfinished rollout targets it (409): cancel the rollout, or let it complete, first.
 package api
@@ -29,6 +34,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -37,6 +43,7 @@ import (
 
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/protocol"
 )
 
 // Rollouts is what the API needs of the controller.
@@ -70,6 +77,10 @@ type FirmwareStore interface {
 	// with firmware.ErrInUse if inUse returns true for the record, firmware.ErrNotFound if
 	// there is none.
 	Delete(model, version string, inUse func(firmware.Firmware) bool) error
+	// AddDelta stores a delta patch whose manifest was signed offline.
+	AddDelta(ctx context.Context, m protocol.Manifest, body io.Reader) (d firmware.Delta, created bool, err error)
+	// Deltas lists every delta verdict.
+	Deltas() ([]firmware.Delta, error)
 }
 
 var _ FirmwareStore = (*firmware.Store)(nil)
