@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -23,6 +24,7 @@ import (
 	"github.com/fota-dev/fota/certs/certstest"
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/protocol"
 )
 
 var cliTestTime = time.Date(2025, 3, 4, 5, 6, 7, 0, time.UTC)
@@ -58,6 +60,13 @@ func (s *cliFakeStore) Add(ctx context.Context, req firmware.AddRequest) (firmwa
 	s.bodies[req.Model+" "+req.Version] = body
 	return f, true, nil
 }
+
+// AddDelta and Deltas: the delta commands are tested against a real store (storeAPI).
+func (s *cliFakeStore) AddDelta(context.Context, protocol.Manifest, io.Reader) (firmware.Delta, bool, error) {
+	return firmware.Delta{}, false, errors.New("cliFakeStore holds no deltas")
+}
+
+func (s *cliFakeStore) Deltas() ([]firmware.Delta, error) { return nil, nil }
 
 func (s *cliFakeStore) List() ([]firmware.Firmware, error) {
 	s.mu.Lock()
