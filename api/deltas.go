@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net/http"
 	"time"
-
 )
 
 // pathDeltas lists the delta patches, and takes those signed offline.
@@ -60,4 +59,3 @@ func (s *Server) listDeltas(w http.ResponseWriter, r *http.Request) error {
 	writeJSON(w, http.StatusOK, nonNil(list))
 	return nil
 }
-
