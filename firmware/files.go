@@ -10,6 +10,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"go.etcd.io/bbolt"
 )
 
 const (
@@ -184,6 +186,52 @@ func (s *Store) cleanTmp() error {
 	}
 	if removed > 0 {
 		s.log.Info("removed stale temp files", "count", removed)
+	}
+	return nil
+}
+
+// sweepUnnamed removes the artifacts that no record names: an image or patch whose record a
+// crash left uncommitted after its file was installed (Add, commitDelta), or whose removal
+// it interrupted after the record was gone (Delete). Only names the store writes,
+// <2 hex>/<64 lowercase hex>, are considered. One Store owns a Dir, and Open runs this
+// before anything can add, so the records read are the whole truth.
+func (s *Store) sweepUnnamed() error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	var named map[string]bool
+	if err := s.db.View(func(tx *bbolt.Tx) (err error) {
+		named, err = namedSHAs(tx)
+		return err
+	}); err != nil {
+		return fmt.Errorf("sweep artifacts: %w", err)
+	}
+	root := filepath.Join(s.dir, objectsDir)
+	subs, err := os.ReadDir(root)
+	if err != nil {
+		return fmt.Errorf("sweep artifacts: %w", err)
+	}
+	removed := 0
+	for _, sub := range subs {
+		if !sub.IsDir() {
+			continue
+		}
+		entries, err := os.ReadDir(filepath.Join(root, sub.Name()))
+		if err != nil {
+			return fmt.Errorf("sweep artifacts: %w", err)
+		}
+		for _, e := range entries {
+			sha, ok := validSHA(e.Name())
+			if !ok || sha != e.Name() || sha[:2] != sub.Name() || !e.Type().IsRegular() || named[sha] {
+				continue
+			}
+			if err := s.removeArtifact(sha); err != nil {
+				return fmt.Errorf("sweep artifacts: %w", err)
+			}
+			removed++
+		}
+	}
+	if removed > 0 {
+		s.log.Info("removed artifacts no record names", "count", removed)
 	}
 	return nil
 }

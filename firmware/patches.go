@@ -11,7 +11,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"sync"
 
 	"github.com/fota-dev/fota/firmware/delta"
@@ -76,9 +75,8 @@ type patchJob struct {
 	target protocol.Manifest
 }
 
-// NewPatcher creates the cache bucket and sweeps what a crash may have left of deleted
-// targets: verdicts whose target has no firmware record, and patch artifacts no record names.
-// Start starts the workers.
+// NewPatcher sweeps what a crash may have left of deleted targets: verdicts whose target has
+// no firmware record, and their patches. Start starts the workers.
 func NewPatcher(opts PatcherOptions) (*Patcher, error) {
 	if opts.Store == nil || opts.DB == nil {
 		return nil, errors.New("patcher: Store and DB are required")
@@ -97,12 +95,6 @@ func NewPatcher(opts PatcherOptions) (*Patcher, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
-	}
-	if err := opts.DB.Update(func(tx *bolt.Tx) error {
-		_, err := tx.CreateBucketIfNotExists(bucketDeltas)
-		return err
-	}); err != nil {
-		return nil, fmt.Errorf("patcher: %w", err)
 	}
 	log := opts.Logger.With("component", "patcher")
 	records, patches, err := opts.Store.sweepDeltas()
@@ -382,35 +374,26 @@ func (s *Store) commitDelta(key string, rec deltaRecord, u *upload, still func(*
 	return stored, created, nil
 }
 
-// sweepDeltas drops the verdicts whose target no firmware record names, and removes every
-// patch artifact that no record names: those of the verdicts just dropped, and those a crash
-// left between a Delete's commit and its file removals. It runs under commitMu.
+// sweepDeltas drops the verdicts whose target no firmware record names, a crash having left
+// them between Delete's steps or an older fota before patches were collected, and removes
+// the patches only they named. (Open has already removed every file no record names.) It
+// runs under commitMu.
 func (s *Store) sweepDeltas() (records, patches int, err error) {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
 	var unnamed []string
-	var named map[string]bool
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		images, err := firmwareSHAs(tx)
 		if err != nil {
 			return err
 		}
 		records, unnamed, err = dropDeltas(tx, func(target string) bool { return !images[target] })
-		if err != nil {
-			return err
-		}
-		named, err = namedSHAs(tx)
 		return err
 	})
 	if err != nil {
 		return 0, 0, fmt.Errorf("sweep deltas: %w", err)
 	}
 	patches, err = s.removePatches(unnamed)
-	if err != nil {
-		return records, patches, fmt.Errorf("sweep deltas: %w", err)
-	}
-	n, err := s.removeUnnamedPatches(named)
-	patches += n
 	if err != nil {
 		return records, patches, fmt.Errorf("sweep deltas: %w", err)
 	}
@@ -528,62 +511,4 @@ func (s *Store) removePatches(shas []string) (int, error) {
 		removed++
 	}
 	return removed, errors.Join(errs...)
-}
-
-// removeUnnamedPatches removes the artifacts that no record names (named, read under the
-// commitMu the caller holds) and that are delta patches by their header. Unnamed images are
-// left alone: deciding about those is not the Patcher's business.
-func (s *Store) removeUnnamedPatches(named map[string]bool) (int, error) {
-	root := filepath.Join(s.dir, objectsDir)
-	subs, err := os.ReadDir(root)
-	if err != nil {
-		return 0, fmt.Errorf("read artifact dir: %w", err)
-	}
-	var orphans []string
-	for _, sub := range subs {
-		if !sub.IsDir() {
-			continue
-		}
-		entries, err := os.ReadDir(filepath.Join(root, sub.Name()))
-		if err != nil {
-			return 0, fmt.Errorf("read artifact dir: %w", err)
-		}
-		for _, e := range entries {
-			// Only names the store itself writes: <2 hex>/<64 lowercase hex>.
-			sha, ok := validSHA(e.Name())
-			if !ok || sha != e.Name() || sha[:2] != sub.Name() || !e.Type().IsRegular() || named[sha] {
-				continue
-			}
-			patch, err := isPatchFile(s.artifactPath(sha))
-			if err != nil {
-				return 0, err
-			}
-			if patch {
-				orphans = append(orphans, sha)
-			}
-		}
-	}
-	return s.removePatches(orphans)
-}
-
-// isPatchFile reports whether the file at path is a whole delta patch: a valid header that
-// accounts for exactly the file's size.
-func isPatchFile(path string) (bool, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return false, fmt.Errorf("open artifact: %w", err)
-	}
-	defer f.Close()
-	h, err := delta.ReadHeader(f)
-	switch {
-	case errors.Is(err, delta.ErrBadPatch):
-		return false, nil
-	case err != nil:
-		return false, fmt.Errorf("read artifact %s: %w", path, err)
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		return false, fmt.Errorf("stat artifact: %w", err)
-	}
-	return fi.Size() == h.Len(), nil
 }

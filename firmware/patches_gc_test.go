@@ -3,7 +3,10 @@ package firmware_test
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"io/fs"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -316,19 +319,20 @@ func TestPatcherSweepsDeletedTargets(t *testing.T) {
 	tests := []struct {
 		name string
 		// crash removes records directly, as a crash or an older fota would leave them.
-		crash      func(tx *bbolt.Tx, a, b firmware.Firmware) error
-		wantLogged []string
+		crash func(tx *bbolt.Tx, a, b firmware.Firmware) error
+		// What Open and the Patcher log as they sweep; nil: no line.
+		wantOpen, wantPatcher []string
 	}{
 		{"verdict outlived its target", func(tx *bbolt.Tx, _, _ firmware.Firmware) error {
 			return tx.Bucket([]byte("firmware")).Delete([]byte("primehub\x007.28.0"))
-		}, []string{"records=1", "patches=1"}},
+		}, []string{"count=1"}, []string{"records=1", "patches=1"}},
 		{"patch outlived its verdict", func(tx *bbolt.Tx, a, b firmware.Firmware) error {
 			// Delete committed, and the process died before removing the files.
 			if err := tx.Bucket([]byte("firmware")).Delete([]byte("primehub\x007.28.0")); err != nil {
 				return err
 			}
 			return tx.Bucket([]byte("deltas")).Delete([]byte(pair(a, b)))
-		}, []string{"records=0", "patches=1"}},
+		}, []string{"count=2"}, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -351,9 +355,16 @@ func TestPatcherSweepsDeletedTargets(t *testing.T) {
 			e.s = e.openLogged(t, lb)
 			newGCPatcher(t, e, lb, nil)
 			checkDeltaKeys(t, e.db)
-			// The image left without a record is not the Patcher's to remove.
-			checkArtifacts(t, e, a.SHA256, b.SHA256)
-			checkLogged(t, lb, "swept deltas of deleted firmware", tt.wantLogged...)
+			// The image left without a record goes too, at Open.
+			checkArtifacts(t, e, a.SHA256)
+			checkLogged(t, lb, "removed artifacts no record names", tt.wantOpen...)
+			if tt.wantPatcher == nil {
+				if line := lb.line("swept deltas of deleted firmware"); line != "" {
+					t.Errorf("log: got %q, want no sweep by the Patcher: Open left it nothing", line)
+				}
+			} else {
+				checkLogged(t, lb, "swept deltas of deleted firmware", tt.wantPatcher...)
+			}
 		})
 	}
 }
@@ -395,5 +406,57 @@ func TestNewPatcherNeedsTheStoreDB(t *testing.T) {
 	e := newEnv(t, 0)
 	if _, err := firmware.NewPatcher(firmware.PatcherOptions{Store: e.s, DB: openDB(t)}); err == nil {
 		t.Error("NewPatcher with another DB than the Store's: got nil error, want one")
+	}
+}
+
+// TestOpenSweepsUnnamedArtifacts: a crash inside Add (file installed, record not committed)
+// or Delete (record gone, file not yet removed) leaves an image no record names; the next
+// Open removes it, and nothing else.
+func TestOpenSweepsUnnamedArtifacts(t *testing.T) {
+	e, _ := newLoggedEnv(t)
+	a := e.add(t, "primehub", "7.27.0", 0, image(t, "pybricks-primehub-7.27.0.bin"))
+	b := e.add(t, "primehub", "7.28.0", 0, image(t, "pybricks-primehub-7.28.0.bin"))
+	if err := e.db.Update(func(tx *bbolt.Tx) error {
+		return tx.Bucket([]byte("firmware")).Delete([]byte("primehub\x007.28.0"))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	checkArtifacts(t, e, a.SHA256, b.SHA256)
+	// Files whose names the store never writes are not its to judge.
+	foreign := []string{
+		filepath.Join(e.dir, "sha256", "notes.txt"),
+		filepath.Join(e.dir, "sha256", b.SHA256[:2], strings.ToUpper(b.SHA256)),
+		filepath.Join(e.dir, "sha256", "00", b.SHA256),
+	}
+	for _, f := range foreign {
+		if err := os.MkdirAll(filepath.Dir(f), 0o750); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(f, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	lb := &logBuf{}
+	e.s.Close()
+	e.s = e.openLogged(t, lb)
+	if _, err := os.Stat(filepath.Join(e.dir, "sha256", b.SHA256[:2], b.SHA256)); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("image without a record: stat err %v, want it removed", err)
+	}
+	if _, err := e.s.Path(a.SHA256); err != nil {
+		t.Errorf("image with a record: %v, want it kept", err)
+	}
+	for _, f := range foreign {
+		if _, err := os.Stat(f); err != nil {
+			t.Errorf("foreign file %s: %v, want it kept", f, err)
+		}
+	}
+	checkLogged(t, lb, "removed artifacts no record names", "count=1")
+	// The next Open finds nothing to do.
+	lb2 := &logBuf{}
+	e.s.Close()
+	e.s = e.openLogged(t, lb2)
+	if line := lb2.line("removed artifacts no record names"); line != "" {
+		t.Errorf("second Open logged %q, want nothing removed", line)
 	}
 }

@@ -60,7 +60,8 @@ type Store struct {
 	commitMu sync.Mutex
 }
 
-// Open prepares the directories and the bucket, and removes temp files a crash left behind.
+// Open prepares the directories and the buckets, and removes what a crash left behind: temp
+// files, and artifact files that no record names.
 func Open(opts Options) (*Store, error) {
 	switch {
 	case opts.Dir == "":
@@ -109,6 +110,9 @@ func Open(opts Options) (*Store, error) {
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open firmware store: create buckets: %w", err)
+	}
+	if err := s.sweepUnnamed(); err != nil {
+		return nil, fmt.Errorf("open firmware store: %w", err)
 	}
 	if err := s.checkSignatures(); err != nil {
 		return nil, fmt.Errorf("open firmware store: %w", err)
