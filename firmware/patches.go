@@ -305,8 +305,10 @@ func (p *Patcher) readArtifact(sha string) ([]byte, error) {
 // patches, since devices still running that base can use them.
 //
 // Locking. Every step that installs or removes an artifact file, or writes a record that
-// names one, runs under Store.commitMu: Add, Delete, commitDelta and sweepDeltas. A verdict is
-// stored in the transaction that checks a firmware record still names its target, and Delete
+// names one, runs under Store.commitMu: Add, Delete, commitDelta (for the Patcher and
+// AddDelta), sweepDeltas and Open's sweepUnnamed. A verdict is stored in the transaction that
+// checks a firmware record still names its target (AddDelta: still has the manifest the
+// upload repeats), and Delete
 // removes that record and the target's verdicts in one transaction, so either the verdict
 // commits first and Delete drops it, or Delete commits first and the verdict is not stored.
 // Whether a patch is still named by a firmware record or another verdict is decided inside

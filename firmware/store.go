@@ -53,8 +53,8 @@ type Store struct {
 	key     ed25519.PrivateKey // nil in offline mode
 	pub     ed25519.PublicKey
 
-	// commitMu serialises the steps of Add, Delete and the Patcher (commitDelta, sweepDeltas)
-	// that touch both the buckets and the artifact files, so a file is never removed while
+	// commitMu serialises the steps of Add, Delete, AddDelta, the Patcher (commitDelta,
+	// sweepDeltas) and Open's sweep that touch both the buckets and the artifact files, so a file is never removed while
 	// another record is about to refer to it, and the inUse callback of Delete can run outside
 	// a bbolt transaction. patches.go explains how delta patches rely on it.
 	commitMu sync.Mutex
