@@ -209,8 +209,8 @@ func runDeltaSign(args []string, stdout io.Writer) error {
 	if err := writeFileAtomic(*out, append(b, '\n'), 0o644); err != nil {
 		return fmt.Errorf("%s: %w", cmd, err)
 	}
-	_, err = fmt.Fprintf(stdout, "signed a delta to %s %s: %d-byte patch, %s of the %d-byte image, from base %s; wrote %s and %s\n",
-		m.Model, m.Version, len(patch), percent(len(patch), int(target.Size)), target.Size, short(m.Delta.Base), patchPath, *out)
+	_, err = fmt.Fprintf(stdout, "signed a delta to %s %s: %s patch, %s of the %s image, from base sha256:%s; wrote %s and %s\n",
+		m.Model, m.Version, fmtSize(int64(len(patch))), percent(len(patch), int(target.Size)), fmtSize(target.Size), short(m.Delta.Base), patchPath, *out)
 	return err
 }
 
@@ -268,8 +268,8 @@ func runDeltaAdd(args []string, stdout io.Writer) error {
 		if !d.Verified {
 			check = "the server does not hold the base, so devices alone check what it builds"
 		}
-		_, err = fmt.Fprintf(stdout, "%s delta %s %s -> %s: %d-byte patch, %s of the image; %s\n",
-			verb, d.Model, baseName(d), d.Version, d.PatchSize, percent(int(d.PatchSize), int(d.Size)), check)
+		_, err = fmt.Fprintf(stdout, "%s delta %s %s -> %s: %s patch, %s of the image; %s\n",
+			verb, d.Model, baseName(d), d.Version, fmtSize(d.PatchSize), percent(int(d.PatchSize), int(d.Size)), check)
 		return err
 	})
 }

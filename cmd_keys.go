@@ -35,7 +35,7 @@ func runKeysGenerate(args []string, stdout io.Writer) error {
 	}
 	_, err := fmt.Fprintf(stdout,
 		"wrote %s: the private release key; keep it secret, and sign with 'fota firmware sign --key'\n"+
-			"wrote %s: the public key; devices pin it, and 'fota serve' with only it in --data accepts offline-signed firmware only\n",
+			"wrote %s: the public key; devices pin it, and 'fota serve' with only it in --data accepts only firmware and deltas signed offline\n",
 		filepath.Join(*out, firmware.PrivateKeyFile), filepath.Join(*out, firmware.PublicKeyFile))
 	return err
 }
