@@ -337,10 +337,10 @@ func TestDeleteFirmwareRealController(t *testing.T) {
 	})
 }
 
-// waitFor polls cond until it reports true, for up to 5 s, and returns its last value.
+// waitFor polls cond until it reports true, for up to 20 s, and returns its last value.
 func waitFor[T any](t *testing.T, what string, cond func() (T, bool)) T {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for {
 		v, ok := cond()
 		if ok {

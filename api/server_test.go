@@ -455,7 +455,7 @@ func TestUploadStreams(t *testing.T) {
 		done <- result{f, err}
 	}()
 
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for e.store.received.Load() < int64(len(first)) {
 		if time.Now().After(deadline) {
 			close(release)

@@ -27,7 +27,7 @@ const (
 	typePingresp  = 0xd0
 )
 
-const ioTimeout = 3 * time.Second
+const ioTimeout = 10 * time.Second
 
 type rawClient struct {
 	t       testing.TB

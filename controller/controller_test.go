@@ -189,7 +189,7 @@ func (h *harness) statusSHA(device, version, sha string) {
 // waitOffer polls until the device has been sent n offers and returns the last.
 func (h *harness) waitOffer(device string, n int) protocol.Offer {
 	h.t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for {
 		msgs := h.pub.on(protocol.Topic(device, protocol.SuffixJob))
 		if len(msgs) >= n {

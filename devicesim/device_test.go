@@ -330,7 +330,7 @@ func runDevice(t *testing.T, cfg devicesim.Config) (d *devicesim.Device, stop fu
 // waitFor polls cond until it holds or the deadline passes.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(8 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
@@ -694,7 +694,7 @@ func TestRunFleetStopsWithContext(t *testing.T) {
 	defer cancel()
 	go func() {
 		defer cancel()
-		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 			if len(s.statusesOf("sim-0001")) > 0 && len(s.statusesOf("sim-0002")) > 0 {
 				return
 			}
