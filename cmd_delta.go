@@ -269,7 +269,7 @@ func runDeltaAdd(args []string, stdout io.Writer) error {
 			check = "the server does not hold the base, so devices alone check what it builds"
 		}
 		_, err = fmt.Fprintf(stdout, "%s delta %s %s -> %s: %s patch, %s of the image; %s\n",
-			verb, d.Model, baseName(d), d.Version, fmtSize(d.PatchSize), percent(int(d.PatchSize), int(d.Size)), check)
+			verb, clean(d.Model), clean(baseName(d)), clean(d.Version), fmtSize(d.PatchSize), percent(int(d.PatchSize), int(d.Size)), check)
 		return err
 	})
 }

@@ -1,9 +1,7 @@
 package api
 
 import (
-	"fmt"
 	"net/http"
-	"time"
 )
 
 // pathDeltas lists the delta patches, and takes those signed offline.
@@ -20,27 +18,13 @@ func (s *Server) addDelta(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if r.ContentLength > s.opts.MaxUpload {
-		return errStatus(http.StatusRequestEntityTooLarge, "delta patch too large: %d bytes, the limit is %d", r.ContentLength, s.opts.MaxUpload)
-	}
-	if r.ContentLength == 0 {
-		return errStatus(http.StatusBadRequest, "empty delta patch")
-	}
-	rc := http.NewResponseController(w)
-	deadline := time.Now().Add(uploadTimeout)
-	if err := rc.SetReadDeadline(deadline); err != nil {
-		return fmt.Errorf("extend read deadline: %w", err)
-	}
-	if err := rc.SetWriteDeadline(deadline); err != nil {
-		return fmt.Errorf("extend write deadline: %w", err)
-	}
-	body := &limitReader{r: http.MaxBytesReader(w, r.Body, s.opts.MaxUpload)}
-	d, created, err := s.opts.Firmware.AddDelta(r.Context(), m, body)
+	u, err := s.startUpload(w, r, "delta patch")
 	if err != nil {
-		if body.over {
-			return errStatus(http.StatusRequestEntityTooLarge, "delta patch too large: the limit is %d bytes", s.opts.MaxUpload)
-		}
 		return err
+	}
+	d, created, err := s.opts.Firmware.AddDelta(r.Context(), m, u)
+	if err != nil {
+		return u.failed(err)
 	}
 	status := http.StatusOK
 	if created {

@@ -264,30 +264,14 @@ func (s *Server) addFirmware(w http.ResponseWriter, r *http.Request) error {
 	if _, err := protocol.ParseVersion(req.Version); err != nil {
 		return err
 	}
-	if r.ContentLength > s.opts.MaxUpload {
-		return errStatus(http.StatusRequestEntityTooLarge, "firmware image too large: %d bytes, the limit is %d", r.ContentLength, s.opts.MaxUpload)
+	u, err := s.startUpload(w, r, "firmware image")
+	if err != nil {
+		return err
 	}
-	if r.ContentLength == 0 {
-		return errStatus(http.StatusBadRequest, "%v", firmware.ErrEmpty)
-	}
-	// The server-wide deadlines suit small requests; an image over a slow link needs longer.
-	rc := http.NewResponseController(w)
-	deadline := time.Now().Add(uploadTimeout)
-	if err := rc.SetReadDeadline(deadline); err != nil {
-		return fmt.Errorf("extend read deadline: %w", err)
-	}
-	if err := rc.SetWriteDeadline(deadline); err != nil {
-		return fmt.Errorf("extend write deadline: %w", err)
-	}
-	body := &limitReader{r: http.MaxBytesReader(w, r.Body, s.opts.MaxUpload)}
-	req.Body = body
+	req.Body = u
 	f, created, err := s.opts.Firmware.Add(r.Context(), req)
 	if err != nil {
-		if body.over {
-			// Whatever the store wrapped the read error in, the cause is the size.
-			return errStatus(http.StatusRequestEntityTooLarge, "firmware image too large: the limit is %d bytes", s.opts.MaxUpload)
-		}
-		return err
+		return u.failed(err)
 	}
 	status := http.StatusOK
 	if created {
@@ -320,6 +304,44 @@ func decodeManifestHeader(vs []string) (protocol.Manifest, error) {
 		return m, errStatus(http.StatusBadRequest, "bad %s header: want one JSON manifest", headerManifest)
 	}
 	return m, nil
+}
+
+// upload is the body of a request that streams a file (an image, a patch) into the store.
+type upload struct {
+	*limitReader
+	what  string // "firmware image", for messages
+	limit int64
+}
+
+// startUpload checks a streamed body's declared length against MaxUpload before any of it is
+// read, gives the request the longer upload deadlines, and returns the body, limited to
+// MaxUpload. what names the file in messages.
+func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, what string) (*upload, error) {
+	if r.ContentLength > s.opts.MaxUpload {
+		return nil, errStatus(http.StatusRequestEntityTooLarge, "%s too large: %d bytes, the limit is %d", what, r.ContentLength, s.opts.MaxUpload)
+	}
+	if r.ContentLength == 0 {
+		return nil, errStatus(http.StatusBadRequest, "%s is empty", what)
+	}
+	// The server-wide deadlines suit small requests; a file over a slow link needs longer.
+	rc := http.NewResponseController(w)
+	deadline := time.Now().Add(uploadTimeout)
+	if err := rc.SetReadDeadline(deadline); err != nil {
+		return nil, fmt.Errorf("extend read deadline: %w", err)
+	}
+	if err := rc.SetWriteDeadline(deadline); err != nil {
+		return nil, fmt.Errorf("extend write deadline: %w", err)
+	}
+	return &upload{limitReader: &limitReader{r: http.MaxBytesReader(w, r.Body, s.opts.MaxUpload)}, what: what, limit: s.opts.MaxUpload}, nil
+}
+
+// failed is the error to answer when the store refused the upload with err: a body cut at
+// the limit is too large, whatever the store wrapped the read error in.
+func (u *upload) failed(err error) error {
+	if u.over {
+		return errStatus(http.StatusRequestEntityTooLarge, "%s too large: the limit is %d bytes", u.what, u.limit)
+	}
+	return err
 }
 
 // limitReader remembers whether the upload limit was hit.

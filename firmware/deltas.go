@@ -238,23 +238,6 @@ func (s *Store) Deltas() ([]Delta, error) {
 	return out, nil
 }
 
-// imagesBySHA returns the firmware records by image sha256; of two records sharing an image,
-// the first in key order.
-func imagesBySHA(tx *bolt.Tx) (map[string]Firmware, error) {
-	b, err := bucket(tx)
-	if err != nil {
-		return nil, err
-	}
-	images := make(map[string]Firmware)
-	err = allRecords(b, func(f Firmware) error {
-		if _, ok := images[f.SHA256]; !ok {
-			images[f.SHA256] = f
-		}
-		return nil
-	})
-	return images, err
-}
-
 // deltaOf describes the verdict rec on the pair key, with images (by sha256) naming the
 // target and base. The Model is empty when the target is not among images.
 func deltaOf(key string, rec deltaRecord, images map[string]Firmware) Delta {

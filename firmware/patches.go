@@ -219,8 +219,9 @@ func (p *Patcher) make(j patchJob) {
 	}
 	target, _ := validSHA(j.target.SHA256)
 	stored, _, err := p.opts.Store.commitDelta(key, rec, u, func(tx *bolt.Tx) (bool, error) {
-		images, err := firmwareSHAs(tx)
-		return images[target], err
+		images, err := imagesBySHA(tx)
+		_, ok := images[target]
+		return ok, err
 	})
 	p.done(key)
 	switch {
@@ -385,11 +386,14 @@ func (s *Store) sweepDeltas() (records, patches int, err error) {
 	defer s.commitMu.Unlock()
 	var unnamed []string
 	err = s.db.Update(func(tx *bolt.Tx) error {
-		images, err := firmwareSHAs(tx)
+		images, err := imagesBySHA(tx)
 		if err != nil {
 			return err
 		}
-		records, unnamed, err = dropDeltas(tx, func(target string) bool { return !images[target] })
+		records, unnamed, err = dropDeltas(tx, func(target string) bool {
+			_, ok := images[target]
+			return !ok
+		})
 		return err
 	})
 	if err != nil {
@@ -461,27 +465,34 @@ func patchOf(v []byte) string {
 	return sha
 }
 
-// firmwareSHAs returns the sha256 of every firmware record.
-func firmwareSHAs(tx *bolt.Tx) (map[string]bool, error) {
+// imagesBySHA returns the firmware records by image sha256; of two records sharing an image,
+// the first in key order.
+func imagesBySHA(tx *bolt.Tx) (map[string]Firmware, error) {
 	b, err := bucket(tx)
 	if err != nil {
 		return nil, err
 	}
-	shas := make(map[string]bool)
+	images := make(map[string]Firmware)
 	err = allRecords(b, func(f Firmware) error {
 		if sha, ok := validSHA(f.SHA256); ok {
-			shas[sha] = true
+			if _, seen := images[sha]; !seen {
+				images[sha] = f
+			}
 		}
 		return nil
 	})
-	return shas, err
+	return images, err
 }
 
 // namedSHAs returns every artifact sha a record names: images and delta patches.
 func namedSHAs(tx *bolt.Tx) (map[string]bool, error) {
-	named, err := firmwareSHAs(tx)
+	images, err := imagesBySHA(tx)
 	if err != nil {
 		return nil, err
+	}
+	named := make(map[string]bool, len(images))
+	for sha := range images {
+		named[sha] = true
 	}
 	if b := tx.Bucket(bucketDeltas); b != nil {
 		err = b.ForEach(func(_, v []byte) error {
