@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"slices"
 	"time"
@@ -194,6 +195,9 @@ func (s *Store) checkPatch(path string, m protocol.Manifest) (verified bool, err
 		return false, nil // not held here: the devices check the result
 	}
 	old, err := os.ReadFile(basePath)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil // deleted since: as if never held
+	}
 	if err != nil {
 		return false, fmt.Errorf("read base: %w", err)
 	}
