@@ -12,8 +12,6 @@ import (
 	"time"
 
 	"github.com/fota-dev/fota/certs"
-	"github.com/fota-dev/fota/controller"
-	"github.com/fota-dev/fota/devicesim"
 	"github.com/fota-dev/fota/firmware"
 	"github.com/fota-dev/fota/protocol"
 )
@@ -97,35 +95,7 @@ func TestOfflineDeltaEndToEnd(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	client := adminClient(t, srv, certsDir)
-	tlsFor, err := deviceTLSFor(certsDir, srv.broker.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	const n = 3
-	results := make(chan []devicesim.Result, 1)
-	errs := make(chan error, 1)
-	go func() {
-		rs, err := devicesim.RunFleet(ctx, devicesim.FleetConfig{
-			N: n, Model: demoModel, Version: demoFrom, Image: demoImage(demoFrom), Counter: 1,
-			PublicKey: loadPub(t, filepath.Join(keys, "release.pub")), Broker: srv.broker.Addr().String(),
-			TLSFor: tlsFor, UntilVersion: demoTo,
-		})
-		results <- rs
-		errs <- err
-	}()
-	if err := waitOnline(ctx, client, n); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := client.CreateRollout(ctx, controller.RolloutSpec{Model: demoModel, Version: demoTo}); err != nil {
-		t.Fatal(err)
-	}
-	rs := <-results
-	if err := <-errs; err != nil {
-		t.Fatalf("fleet: %v", err)
-	}
-	if len(rs) != n {
-		t.Fatalf("got %d results, want %d", len(rs), n)
-	}
+	_, rs := updateFleet(ctx, t, srv, client, certsDir, 3, 1, loadPub(t, filepath.Join(keys, "release.pub")))
 	for _, r := range rs {
 		if r.State != protocol.StateInstalled || r.To != demoTo || !r.Delta || r.Bytes != dm.Delta.PatchSize {
 			t.Errorf("device %s: got %s to %s, delta=%v, %d bytes; want installed %s by the %d-byte delta",

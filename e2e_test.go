@@ -77,6 +77,42 @@ func addDemoReleases(ctx context.Context, t *testing.T, client *api.Client, rele
 	return counter, pub
 }
 
+// updateFleet runs n simulated devices on demoFrom (security counter counter, pinning pub)
+// against srv, creates a rollout to demoTo once they are all online, and returns it with the
+// devices' results once each has updated.
+func updateFleet(ctx context.Context, t *testing.T, srv *server, client *api.Client, certsDir string, n int, counter uint64, pub ed25519.PublicKey) (controller.Rollout, []devicesim.Result) {
+	t.Helper()
+	tlsFor, err := deviceTLSFor(certsDir, srv.broker.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	results := make(chan []devicesim.Result, 1)
+	errs := make(chan error, 1)
+	go func() {
+		rs, err := devicesim.RunFleet(ctx, devicesim.FleetConfig{
+			N: n, Model: demoModel, Version: demoFrom, Image: demoImage(demoFrom), Counter: counter,
+			PublicKey: pub, Broker: srv.broker.Addr().String(), TLSFor: tlsFor, UntilVersion: demoTo,
+		})
+		results <- rs
+		errs <- err
+	}()
+	if err := waitOnline(ctx, client, n); err != nil {
+		t.Fatal(err)
+	}
+	r, err := client.CreateRollout(ctx, controller.RolloutSpec{Model: demoModel, Version: demoTo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := <-results
+	if err := <-errs; err != nil {
+		t.Fatalf("fleet: %v", err)
+	}
+	if len(rs) != n {
+		t.Fatalf("got %d results, want %d", len(rs), n)
+	}
+	return r, rs
+}
+
 // TestEndToEnd updates three simulated devices through the real server: firmware uploaded
 // over the admin API and signed, offered by the controller, streamed in chunks by the broker,
 // verified against the pinned release key and installed by each device, every transition
@@ -99,34 +135,7 @@ func TestEndToEnd(t *testing.T) {
 			defer cancel()
 			counter, pub := addDemoReleases(ctx, t, client, srv.releasePub, tc.versions...)
 			const n = 3
-			tlsFor, err := deviceTLSFor(certsDir, srv.broker.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			results := make(chan []devicesim.Result, 1)
-			errs := make(chan error, 1)
-			go func() {
-				rs, err := devicesim.RunFleet(ctx, devicesim.FleetConfig{
-					N: n, Model: demoModel, Version: demoFrom, Image: demoImage(demoFrom), Counter: counter,
-					PublicKey: pub, Broker: srv.broker.Addr().String(), TLSFor: tlsFor, UntilVersion: demoTo,
-				})
-				results <- rs
-				errs <- err
-			}()
-			if err := waitOnline(ctx, client, n); err != nil {
-				t.Fatal(err)
-			}
-			r, err := client.CreateRollout(ctx, controller.RolloutSpec{Model: demoModel, Version: demoTo})
-			if err != nil {
-				t.Fatal(err)
-			}
-			rs := <-results
-			if err := <-errs; err != nil {
-				t.Fatalf("fleet: %v", err)
-			}
-			if len(rs) != n {
-				t.Fatalf("got %d results, want %d", len(rs), n)
-			}
+			r, rs := updateFleet(ctx, t, srv, client, certsDir, n, counter, pub)
 			size := int64(len(demoImage(demoTo)))
 			for _, x := range rs {
 				if x.State != protocol.StateInstalled || x.From != demoFrom || x.To != demoTo || x.Delta != tc.wantDelta {
