@@ -5,7 +5,8 @@
 // after another, a device holds at most one frame (its chunk size plus the 20-byte header) in
 // the server at a time, and a device that stops reading blocks only itself until the broker's
 // write timeout closes its connection. The server bounds the frame bytes it holds over all
-// devices (Options.MaxInflight) and can cap each device's rate (Options.DeviceRate). PROTOCOL.md ("Chunk frames") is the contract it implements.
+// devices (Options.MaxInflight) and can cap each device's rate (Options.DeviceRate).
+// PROTOCOL.md ("Chunk frames") is the contract it implements.
 package transfer
 
 import (
