@@ -68,7 +68,7 @@ func runCertsIssue(args []string, stdout io.Writer) error {
 	fs := newFlags("certs issue", stdout)
 	dir := certsDirFlag(fs)
 	id := fs.String("device", "", "device id: 1-64 bytes, no white space, / + # or leading $")
-	model := fs.String("model", "", "hardware model recorded in the certificate")
+	model := fs.String("model", "", "hardware model recorded in the certificate: 1-64 of A-Z a-z 0-9 . _ -, as in 'firmware add'")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -77,6 +77,12 @@ func runCertsIssue(args []string, stdout io.Writer) error {
 	}
 	if err := validDeviceFlag("certs issue", *id); err != nil {
 		return err
+	}
+	// The rule of 'firmware add': a device whose model no release can have is never updated.
+	if *model != "" {
+		if err := checkModel("certs issue", *model); err != nil {
+			return err
+		}
 	}
 	err := certs.IssueDeviceFiles(*dir, *id, *model)
 	switch {

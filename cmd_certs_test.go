@@ -2,15 +2,21 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/fota-dev/fota/api"
 	"github.com/fota-dev/fota/certs"
+	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/protocol"
 )
 
 // runCLI runs fota with args and returns the exit code, stdout and stderr.
@@ -134,7 +140,7 @@ func TestCertsCLIUsage(t *testing.T) {
 		{"issue space", []string{"certs", "issue", "--dir", dir, "--device", "a b"}, 2, "white space"},
 		{"issue nul", []string{"certs", "issue", "--dir", dir, "--device", "a\x00b"}, 2, "invalid device id"},
 		{"issue tab", []string{"certs", "issue", "--dir", dir, "--device", "a\tb"}, 2, "white space"},
-		{"issue bad model", []string{"certs", "issue", "--dir", dir, "--device", "d", "--model", "a b"}, 1, "model"},
+		{"issue bad model", []string{"certs", "issue", "--dir", dir, "--device", "d", "--model", "a b"}, 2, "--model"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, _, errOut := runCLI(t, tc.args...)
@@ -152,5 +158,68 @@ func TestCertsCLIUsage(t *testing.T) {
 	}
 	if len(entries) != 0 {
 		t.Errorf("refused commands wrote %d files in devices/, want none", len(entries))
+	}
+}
+
+// TestModelRuleShared: certs issue and firmware add refuse the same models with the same
+// words, and so does the server behind firmware add: a device certificate can only carry a
+// model that a release can have.
+func TestModelRuleShared(t *testing.T) {
+	srv, certsDir := testServer(t)
+	client := adminClient(t, srv, certsDir)
+	defer client.Close()
+	t.Setenv(certsDirEnv, "")
+	t.Setenv(serverEnv, "")
+	apiURL := "https://" + srv.api.Addr().String()
+	image := writeTestFile(t, "fw.bin", []byte("firmware image"))
+	for _, tc := range []struct{ name, model string }{
+		{"dot", "."},
+		{"dot dot", ".."},
+		{"slash", "a/b"},
+		{"backslash", `a\b`},
+		{"too long", strings.Repeat("m", 65)},
+		{"space", "prime hub"},
+		{"tab", "a\tb"},
+		{"newline", "a\nb"},
+		{"nul", "a\x00b"},
+		{"escape", "a\x1b[2Jb"},
+		{"non-ascii", "café"},
+		{"plus", "a+b"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			want := "--model: "
+			if err := firmware.ValidModel(tc.model); err != nil {
+				want += err.Error()
+			} else {
+				t.Errorf("firmware.ValidModel(%q) = nil, want an error", tc.model)
+			}
+			code, _, issueErr := runCLI(t, "certs", "issue", "--dir", certsDir, "--device", "dev-m", "--model", tc.model)
+			if code != 2 || !strings.Contains(issueErr, want) || strings.Count(issueErr, "\n") != 1 {
+				t.Errorf("certs issue --model %q: got exit %d, stderr %q; want exit 2, one line with %q", tc.model, code, issueErr, want)
+			}
+			code, _, addErr := runCLI(t, "firmware", "add", "--server", apiURL, "--certs", certsDir, "--model", tc.model, "--version", "1.0.0", "--file", image)
+			if code != 2 || !strings.Contains(addErr, want) || strings.Count(addErr, "\n") != 1 {
+				t.Errorf("firmware add --model %q: got exit %d, stderr %q; want exit 2, one line with %q", tc.model, code, addErr, want)
+			}
+			// The server applies the rule on its own, to clients other than this CLI.
+			_, _, err := client.AddFirmware(context.Background(), tc.model, "1.0.0", "", strings.NewReader("firmware image"))
+			var apiErr *api.Error
+			if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusBadRequest || !strings.Contains(apiErr.Message, "invalid model") {
+				t.Errorf("server add of model %q: got %v, want 400 invalid model", tc.model, err)
+			}
+			if err := certs.IssueDeviceFiles(certsDir, "dev-m", tc.model); !errors.Is(err, protocol.ErrBadModel) {
+				t.Errorf("IssueDeviceFiles with model %q: got %v, want protocol.ErrBadModel", tc.model, err)
+			}
+		})
+	}
+	if _, err := os.Stat(filepath.Join(certsDir, certs.DevicesDir, "dev-m.key")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("refused issues left dev-m.key behind: stat err %v", err)
+	}
+	if list, err := client.ListFirmware(context.Background()); err != nil || len(list) != 0 {
+		t.Errorf("firmware after refused adds: got %d records, err %v; want none", len(list), err)
+	}
+	// A good model passes both.
+	if code, _, errOut := runCLI(t, "certs", "issue", "--dir", certsDir, "--device", "dev-m", "--model", "ESP8266_v2.rev-b"); code != 0 {
+		t.Errorf("certs issue with a good model: exit %d, stderr %q", code, errOut)
 	}
 }

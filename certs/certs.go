@@ -33,8 +33,6 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/fota-dev/fota/protocol"
 )
@@ -70,7 +68,6 @@ const (
 	modelPrefix = "model="
 	adminCN     = "admin"
 	serverCN    = "fota server"
-	maxModelLen = 64
 )
 
 // Validity. NotBefore is backdated so a device whose clock lags a little still accepts a
@@ -243,7 +240,8 @@ func LoadAuthority(dir string) (*Authority, error) {
 
 // IssueOptions configures a device certificate. Zero values mean defaults.
 type IssueOptions struct {
-	// Model, when set, is recorded as an OU entry "model=Model".
+	// Model, when set, is recorded as an OU entry "model=Model"; it must pass
+	// protocol.ValidModel, the rule firmware releases follow too.
 	Model string
 	// NotBefore defaults to 5 minutes ago, NotAfter to 5 years after NotBefore. NotAfter is
 	// capped at the CA's own expiry.
@@ -258,7 +256,7 @@ func (a *Authority) IssueDevice(id string, opts IssueOptions) (certPEM, keyPEM [
 	}
 	ou := []string{roleDevice}
 	if opts.Model != "" {
-		if err := validModel(opts.Model); err != nil {
+		if err := protocol.ValidModel(opts.Model); err != nil {
 			return nil, nil, fmt.Errorf("issue device %q: %w", id, err)
 		}
 		ou = append(ou, modelPrefix+opts.Model)
@@ -284,21 +282,6 @@ func (a *Authority) DeviceTLS(id string, opts IssueOptions) (tls.Certificate, er
 		return tls.Certificate{}, fmt.Errorf("device %q key pair: %w", id, err)
 	}
 	return c, nil
-}
-
-func validModel(m string) error {
-	if len(m) > maxModelLen {
-		return fmt.Errorf("model is %d bytes, at most %d", len(m), maxModelLen)
-	}
-	if !utf8.ValidString(m) {
-		return fmt.Errorf("model %q is not valid UTF-8", m)
-	}
-	for _, r := range m {
-		if unicode.IsSpace(r) || unicode.IsControl(r) {
-			return fmt.Errorf("model %q may not contain white space or control characters", m)
-		}
-	}
-	return nil
 }
 
 // issue signs tmpl (subject, key usages and names filled in by the caller) with a new key.
@@ -349,6 +332,11 @@ func (a *Authority) issue(tmpl *x509.Certificate, opts IssueOptions) (certPEM, k
 func IssueDeviceFiles(dir, id, model string) error {
 	if err := protocol.ValidDeviceID(id); err != nil {
 		return fmt.Errorf("issue device: %w", err)
+	}
+	if model != "" {
+		if err := protocol.ValidModel(model); err != nil {
+			return fmt.Errorf("issue device %q: %w", id, err)
+		}
 	}
 	certPath, keyPath, err := devicePaths(dir, id)
 	if err != nil {

@@ -38,7 +38,7 @@ var (
 )
 
 // MaxModelLen is the longest model name accepted, in bytes (protocol.ValidModel's limit).
-const MaxModelLen = 64
+const MaxModelLen = protocol.MaxModelLen
 
 // Firmware is the record of one stored image.
 type Firmware struct {

@@ -126,19 +126,6 @@ func (m Manifest) ExpiresAt() (time.Time, error) {
 	return t, nil
 }
 
-// ValidModel reports whether s can name a hardware model: 1 to 64 bytes of [A-Za-z0-9._-].
-func ValidModel(s string) error {
-	if s == "" || len(s) > 64 {
-		return fmt.Errorf("model %q: want 1 to 64 characters", s)
-	}
-	for _, r := range s {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
-			return fmt.Errorf("model %q: only letters, digits, '.', '_' and '-' are allowed", s)
-		}
-	}
-	return nil
-}
-
 func isHexSHA256(s string) bool {
 	if len(s) != 64 {
 		return false

@@ -31,6 +31,34 @@ func TestValidDeviceID(t *testing.T) {
 	}
 }
 
+func TestValidModel(t *testing.T) {
+	tests := []struct {
+		model string
+		ok    bool
+	}{
+		{"primehub", true},
+		{"ESP8266_v2.rev-b", true},
+		{"...", true},
+		{".hidden", true},
+		{strings.Repeat("x", MaxModelLen), true},
+		{"", false},
+		{".", false},
+		{"..", false},
+		{strings.Repeat("x", MaxModelLen+1), false},
+		{"a/b", false}, {`a\b`, false}, {"a b", false}, {"a\tb", false}, {"a\x00b", false}, {"a\nb", false},
+		{"café", false}, {"a+b", false}, {"a#b", false}, {"\xff", false},
+	}
+	for _, tc := range tests {
+		err := ValidModel(tc.model)
+		if (err == nil) != tc.ok {
+			t.Errorf("ValidModel(%q) = %v, want ok=%v", tc.model, err, tc.ok)
+		}
+		if err != nil && !errors.Is(err, ErrBadModel) {
+			t.Errorf("ValidModel(%q) = %v, want ErrBadModel", tc.model, err)
+		}
+	}
+}
+
 func TestParseTopic(t *testing.T) {
 	tests := []struct {
 		topic, device, suffix string

@@ -56,6 +56,37 @@ func ValidDeviceID(id string) error {
 	return nil
 }
 
+// MaxModelLen is the longest model name accepted, in bytes.
+const MaxModelLen = 64
+
+// ErrBadModel matches (errors.Is) every error of ValidModel.
+var ErrBadModel = errors.New("invalid model")
+
+// ValidModel reports whether s can name a hardware model: 1 to 64 bytes of [A-Za-z0-9._-],
+// other than "." and "..". It is the one rule for a model wherever one is given: a device
+// certificate, a firmware release, a manifest, a device's status. A model is a path segment
+// of the admin API, where "." and ".." would name another path.
+func ValidModel(s string) error {
+	switch {
+	case s == "" || len(s) > MaxModelLen:
+		return modelError(fmt.Sprintf("model %q: want 1 to %d characters", s, MaxModelLen))
+	case s == "." || s == "..":
+		return modelError(fmt.Sprintf("model %q: \".\" and \"..\" are not names", s))
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+			return modelError(fmt.Sprintf("model %q: only letters, digits, '.', '_' and '-' are allowed", s))
+		}
+	}
+	return nil
+}
+
+// modelError is ValidModel's error: its own text, and ErrBadModel to errors.Is.
+type modelError string
+
+func (e modelError) Error() string        { return string(e) }
+func (e modelError) Is(target error) bool { return target == ErrBadModel }
+
 // Topic returns Root/device/suffix.
 func Topic(device, suffix string) string {
 	return Root + "/" + device + "/" + suffix
