@@ -6,13 +6,15 @@
 //
 //	ca.crt ca.key            the CA (ca.key is needed only to issue)
 //	server.crt server.key    the MQTT listener's and the admin API's certificate
-//	admin.crt admin.key      the operator's client certificate
+//	admin.crt admin.key      the operator's client certificate, admin "admin"
+//	admins/NAME.crt NAME.key one pair per further admin
 //	devices/ID.crt ID.key    one pair per device
-//	revoked.json             revoked device ids
+//	revoked.json             revoked device ids and admin names
 //
-// A certificate's role is its first Subject.OrganizationalUnit ("device", "admin" or
-// "server"); a device's identity is its CN, and its model an OU entry "model=M". Revocation is
-// per device id and permanent: a revoked id is never issued again.
+// A certificate's role is its only Subject.OrganizationalUnit without '=' ("device", "admin"
+// or "server"); a device's identity is its CN, and its model an OU entry "model=M"; an
+// admin's name is its CN. Revocation is per device id or admin name and permanent: a revoked
+// id or name is never issued again.
 package certs
 
 import (
@@ -52,9 +54,10 @@ const (
 var (
 	// ErrExists is returned when a CA or a device certificate would be overwritten.
 	ErrExists = errors.New("already exists")
-	// ErrRevoked is returned for a device id that has been revoked, by IssueDeviceFiles and by
-	// the TLS verification of ServerTLS. Revocation is permanent.
-	ErrRevoked = errors.New("device revoked")
+	// ErrRevoked is returned for a device id or an admin name that has been revoked, by
+	// IssueDeviceFiles, IssueAdminFiles, Init and the TLS verification of ServerTLS.
+	// Revocation is permanent.
+	ErrRevoked = errors.New("revoked")
 	// ErrNotDevice is returned by DeviceIdentity for a certificate that is not a device's.
 	ErrNotDevice = errors.New("not a device certificate")
 )
@@ -87,14 +90,29 @@ type InitOptions struct {
 	Force bool
 }
 
-// Init creates a certs dir: a new CA, the server certificate and the admin certificate. It
-// refuses with ErrExists when dir already holds a CA, unless opts.Force is set. revoked.json
-// is kept: revocation is by device id and outlives the CA. dir is created with mode 0700, or
-// restricted to it, since it holds the CA key.
+// Init creates a certs dir: a new CA, the server certificate and the admin certificate (admin
+// "admin"). It refuses with ErrExists when dir already holds a CA, unless opts.Force is set.
+// revoked.json is kept: revocation is by device id or admin name and outlives the CA, so Init
+// refuses with ErrRevoked when the admin "admin" is revoked. dir is created with mode 0700,
+// or restricted to it, since it holds the CA key.
 func Init(dir string, opts InitOptions) error {
+	if fi, err := os.Stat(dir); err == nil && !fi.IsDir() {
+		return fmt.Errorf("init %s: not a directory", dir)
+	}
 	caPath := filepath.Join(dir, CAFile)
-	if !opts.Force && exists(caPath) {
+	held, err := fileExists(caPath)
+	if err != nil {
+		return fmt.Errorf("init %s: %w", dir, err)
+	}
+	if held && !opts.Force {
 		return fmt.Errorf("init %s: %s %w (use force to replace it)", dir, caPath, ErrExists)
+	}
+	revoked, err := readRevokedDoc(filepath.Join(dir, RevokedFile))
+	if err != nil {
+		return fmt.Errorf("init %s: %w", dir, err)
+	}
+	if revoked.adminRevoked(DefaultAdmin) {
+		return fmt.Errorf("init %s: admin %q %w in %s: the admin certificate init makes would be refused", dir, DefaultAdmin, ErrRevoked, RevokedFile)
 	}
 	ips, dns, err := serverNames(opts.Hosts)
 	if err != nil {
@@ -147,10 +165,7 @@ func Init(dir string, opts InitOptions) error {
 	if err != nil {
 		return fmt.Errorf("init: server certificate: %w", err)
 	}
-	adminCert, adminKey, err := a.issue(&x509.Certificate{
-		Subject:     pkix.Name{CommonName: adminCN, OrganizationalUnit: []string{roleAdmin}},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}, IssueOptions{})
+	adminCert, adminKey, err := a.issue(adminTemplate(DefaultAdmin), IssueOptions{})
 	if err != nil {
 		return fmt.Errorf("init: admin certificate: %w", err)
 	}
@@ -425,13 +440,12 @@ func DeviceIdentity(cert *x509.Certificate) (id, model string, err error) {
 	return id, model, nil
 }
 
-// IsAdmin reports whether cert is an admin client certificate. A device named "admin" is not.
+// IsAdmin reports whether cert is an admin client certificate, whatever the admin's name. A
+// device named "admin" is not. It does not consult the revocation list: see AdminName and
+// RevocationList.AdminRevoked.
 func IsAdmin(cert *x509.Certificate) bool {
-	if cert == nil || cert.IsCA || cert.Subject.CommonName != adminCN {
-		return false
-	}
-	role, _ := splitOU(cert.Subject.OrganizationalUnit)
-	return role == roleAdmin
+	_, err := AdminName(cert)
+	return err == nil
 }
 
 // splitOU returns the single role among ou (entries without '=') and the key=value entries.

@@ -20,9 +20,11 @@ import (
 // maxRevokedSize bounds how much of revoked.json is read: a million ids fit.
 const maxRevokedSize = 128 << 20
 
-// revokedDoc is the content of revoked.json.
+// revokedDoc is the content of revoked.json. Admins came later: a file without "admins" is
+// one from before, and a binary from before ignores them.
 type revokedDoc struct {
 	Revoked []revokedEntry `json:"revoked"`
+	Admins  []revokedAdmin `json:"admins,omitempty"`
 }
 
 type revokedEntry struct {
@@ -30,39 +32,86 @@ type revokedEntry struct {
 	At time.Time `json:"at"`
 }
 
+type revokedAdmin struct {
+	Name string    `json:"name"`
+	At   time.Time `json:"at"`
+}
+
+func (d revokedDoc) adminRevoked(name string) bool {
+	for _, e := range d.Admins {
+		if e.Name == name {
+			return true
+		}
+	}
+	return false
+}
+
 // revokeMu serialises the read-modify-write of revoked.json within one process.
 var revokeMu sync.Mutex
 
 // Revoke adds device id to revoked.json in dir. Revocation is permanent: the id is refused by
-// ServerTLS and can never be issued again. Revoking an id twice, or one never issued, is fine.
+// ServerTLS and can never be issued again. Revoking an id twice, or one never issued, is fine
+// (the CLI asks for a flag before it revokes an id its certs dir never issued, see DeviceIssued).
 func Revoke(dir, id string) error {
 	if err := protocol.ValidDeviceID(id); err != nil {
 		return fmt.Errorf("revoke: %w", err)
 	}
+	err := updateRevoked(dir, func(doc *revokedDoc) bool {
+		for _, e := range doc.Revoked {
+			if e.ID == id {
+				return false
+			}
+		}
+		doc.Revoked = append(doc.Revoked, revokedEntry{ID: id, At: time.Now().UTC().Truncate(time.Second)})
+		return true
+	})
+	if err != nil {
+		return fmt.Errorf("revoke %q: %w", id, err)
+	}
+	return nil
+}
+
+// RevokeAdmin adds admin name to revoked.json in dir. Like a device's, the revocation is
+// permanent: ServerTLS refuses the name's certificates, a server given the RevocationList
+// refuses its requests on connections already open, and the name can never be issued again.
+// Revoking a name twice, or one never issued, is fine.
+func RevokeAdmin(dir, name string) error {
+	if err := ValidAdminName(name); err != nil {
+		return fmt.Errorf("revoke admin: %w", err)
+	}
+	err := updateRevoked(dir, func(doc *revokedDoc) bool {
+		if doc.adminRevoked(name) {
+			return false
+		}
+		doc.Admins = append(doc.Admins, revokedAdmin{Name: name, At: time.Now().UTC().Truncate(time.Second)})
+		return true
+	})
+	if err != nil {
+		return fmt.Errorf("revoke admin %q: %w", name, err)
+	}
+	return nil
+}
+
+// updateRevoked applies change to revoked.json in dir and writes it back if change says so.
+func updateRevoked(dir string, change func(*revokedDoc) bool) error {
 	revokeMu.Lock()
 	defer revokeMu.Unlock()
 	path := filepath.Join(dir, RevokedFile)
 	doc, err := readRevokedDoc(path)
 	if err != nil {
-		return fmt.Errorf("revoke %q: %w", id, err)
+		return err
 	}
-	for _, e := range doc.Revoked {
-		if e.ID == id {
-			return nil
-		}
+	if !change(&doc) {
+		return nil
 	}
-	doc.Revoked = append(doc.Revoked, revokedEntry{ID: id, At: time.Now().UTC().Truncate(time.Second)})
 	data, err := json.MarshalIndent(doc, "", "  ")
 	if err != nil {
-		return fmt.Errorf("revoke %q: %w", id, err)
+		return err
 	}
 	if err := ensureDir(dir); err != nil {
-		return fmt.Errorf("revoke %q: %w", id, err)
+		return err
 	}
-	if err := writeFile(path, append(data, '\n'), certMode, false); err != nil {
-		return fmt.Errorf("revoke %q: %w", id, err)
-	}
-	return nil
+	return writeFile(path, append(data, '\n'), certMode, false)
 }
 
 // readRevokedDoc reads revoked.json; a missing file is an empty list.
@@ -104,6 +153,11 @@ func decodeRevoked(r io.Reader, path string) (revokedDoc, error) {
 			return revokedDoc{}, fmt.Errorf("parse %s: %w", path, err)
 		}
 	}
+	for _, e := range doc.Admins {
+		if err := ValidAdminName(e.Name); err != nil {
+			return revokedDoc{}, fmt.Errorf("parse %s: %w", path, err)
+		}
+	}
 	return doc, nil
 }
 
@@ -115,11 +169,25 @@ func revokedSet(doc revokedDoc) map[string]struct{} {
 	return m
 }
 
+// revokedSets is what a RevocationList holds: device ids and admin names.
+type revokedSets struct {
+	devices map[string]struct{}
+	admins  map[string]struct{}
+}
+
+func newRevokedSets(doc revokedDoc) *revokedSets {
+	s := &revokedSets{devices: revokedSet(doc), admins: make(map[string]struct{}, len(doc.Admins))}
+	for _, e := range doc.Admins {
+		s.admins[e.Name] = struct{}{}
+	}
+	return s
+}
+
 // RevocationList is the revoked.json of a certs dir, reloaded when the file changes. Revoked
-// is lock-free so that it can sit on the TLS handshake path.
+// and AdminRevoked are lock-free so that they can sit on the TLS handshake path.
 type RevocationList struct {
 	path string
-	ids  atomic.Pointer[map[string]struct{}]
+	ids  atomic.Pointer[revokedSets]
 
 	mu   sync.Mutex  // serialises Reload
 	info fs.FileInfo // of the file last loaded; nil while it is missing
@@ -130,7 +198,7 @@ type RevocationList struct {
 // with the first revocation); a corrupt one is an error.
 func OpenRevocationList(dir string) (*RevocationList, error) {
 	r := &RevocationList{path: filepath.Join(dir, RevokedFile)}
-	r.ids.Store(&map[string]struct{}{})
+	r.ids.Store(newRevokedSets(revokedDoc{}))
 	if _, err := r.Reload(); err != nil {
 		return nil, fmt.Errorf("open revocation list: %w", err)
 	}
@@ -139,12 +207,18 @@ func OpenRevocationList(dir string) (*RevocationList, error) {
 
 // Revoked reports whether device id is revoked.
 func (r *RevocationList) Revoked(id string) bool {
-	_, ok := (*r.ids.Load())[id]
+	_, ok := r.ids.Load().devices[id]
 	return ok
 }
 
-// Reload re-reads the file if it changed (another inode, size or mtime) and returns the ids
-// revoked since the last load, sorted. On a corrupt file it keeps the previous list and
+// AdminRevoked reports whether admin name is revoked.
+func (r *RevocationList) AdminRevoked(name string) bool {
+	_, ok := r.ids.Load().admins[name]
+	return ok
+}
+
+// Reload re-reads the file if it changed (another inode, size or mtime) and returns the device
+// ids revoked since the last load, sorted (admins are not listed: see AdminRevoked). On a corrupt file it keeps the previous list and
 // returns the error. A removed file empties the list.
 func (r *RevocationList) Reload() (added []string, err error) {
 	r.mu.Lock()
@@ -159,7 +233,7 @@ func (r *RevocationList) reload() ([]string, error) {
 	if errors.Is(err, fs.ErrNotExist) {
 		if r.info != nil {
 			r.info = nil
-			r.ids.Store(&map[string]struct{}{})
+			r.ids.Store(newRevokedSets(revokedDoc{}))
 		}
 		return nil, nil
 	}
@@ -179,16 +253,16 @@ func (r *RevocationList) reload() ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	next := revokedSet(doc)
-	prev := *r.ids.Load()
+	next := newRevokedSets(doc)
+	prev := r.ids.Load()
 	var added []string
-	for id := range next {
-		if _, ok := prev[id]; !ok {
+	for id := range next.devices {
+		if _, ok := prev.devices[id]; !ok {
 			added = append(added, id)
 		}
 	}
 	slices.Sort(added)
-	r.ids.Store(&next)
+	r.ids.Store(next)
 	r.info = fi
 	return added, nil
 }

@@ -11,12 +11,14 @@ import (
 
 // ServerTLS returns the configuration of fota's TLS listeners (MQTT and the admin API): the
 // server certificate, client certificates required and verified against the CA, TLS 1.2 or
-// later, and device certificates whose id is in revoked refused.
+// later, and device certificates whose id, or admin certificates whose name, is in revoked
+// refused.
 //
 // Revocation is checked in VerifyConnection because it runs on resumed handshakes too; a check
 // in VerifyPeerCertificate would let a revoked device back in with a session ticket. Whether a
 // verified certificate may do what it asks (a device on MQTT, the admin on the API) is left to
-// each listener, see DeviceIdentity and IsAdmin.
+// each listener, see DeviceIdentity and AdminName. A listener that keeps connections open
+// across requests checks an admin's name again on each (RevocationList.AdminRevoked).
 //
 // When revoked is nil, ServerTLS keeps its own list of dir's revoked.json and checks the file
 // for changes on every handshake. Callers that Watch a list to drop live connections pass it,
@@ -46,9 +48,13 @@ func ServerTLS(dir string, revoked *RevocationList) (*tls.Config, error) {
 			if len(cs.PeerCertificates) == 0 {
 				return errors.New("no client certificate")
 			}
-			id, _, err := DeviceIdentity(cs.PeerCertificates[0])
+			leaf := cs.PeerCertificates[0]
+			id, _, err := DeviceIdentity(leaf)
+			admin := ""
 			if errors.Is(err, ErrNotDevice) {
-				return nil
+				if admin, err = AdminName(leaf); errors.Is(err, ErrNotAdmin) {
+					return nil // the server's own certificate, say: the listener decides
+				}
 			}
 			if err != nil {
 				return err
@@ -56,6 +62,12 @@ func ServerTLS(dir string, revoked *RevocationList) (*tls.Config, error) {
 			if reload {
 				// A corrupt file keeps the last good list, which still refuses what it knew.
 				_, _ = revoked.Reload()
+			}
+			if admin != "" {
+				if revoked.AdminRevoked(admin) {
+					return fmt.Errorf("admin %q: %w", admin, ErrRevoked)
+				}
+				return nil
 			}
 			if revoked.Revoked(id) {
 				return fmt.Errorf("device %q: %w", id, ErrRevoked)
