@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -116,6 +117,10 @@ func TestCertsCLIUsage(t *testing.T) {
 	if code, _, errOut := runCLI(t, "certs", "init", "--dir", dir); code != 0 {
 		t.Fatalf("certs init: exit %d, stderr %q", code, errOut)
 	}
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name     string
 		args     []string
@@ -123,6 +128,7 @@ func TestCertsCLIUsage(t *testing.T) {
 		wantErr  string
 	}{
 		{"no sub-command", []string{"certs"}, 2, "missing sub-command"},
+		{"init a file", []string{"certs", "init", "--dir", file}, 1, "not a directory"},
 		{"unknown sub-command", []string{"certs", "sign"}, 2, "unknown sub-command"},
 		{"no dir", []string{"certs", "init"}, 2, "--dir"},
 		{"unknown flag", []string{"certs", "issue", "--dir", dir, "--device", "d", "--color"}, 2, "color"},
@@ -222,4 +228,65 @@ func TestModelRuleShared(t *testing.T) {
 	if code, _, errOut := runCLI(t, "certs", "issue", "--dir", certsDir, "--device", "dev-m", "--model", "ESP8266_v2.rev-b"); code != 0 {
 		t.Errorf("certs issue with a good model: exit %d, stderr %q", code, errOut)
 	}
+}
+
+// TestServeBadCertsCreatesNothing: serve with a certs dir it cannot use fails with one line
+// and leaves the data dir as it found it: no state file, no release key.
+func TestServeBadCertsCreatesNothing(t *testing.T) {
+	t.Setenv(certsDirEnv, "")
+	good := filepath.Join(t.TempDir(), "certs")
+	if code, _, errOut := runCLI(t, "certs", "init", "--dir", good); code != 0 {
+		t.Fatalf("certs init: exit %d, stderr %q", code, errOut)
+	}
+	noServerKey := filepath.Join(t.TempDir(), "certs")
+	if code, _, errOut := runCLI(t, "certs", "init", "--dir", noServerKey); code != 0 {
+		t.Fatalf("certs init: exit %d, stderr %q", code, errOut)
+	}
+	if err := os.Remove(filepath.Join(noServerKey, certs.ServerKeyFile)); err != nil {
+		t.Fatal(err)
+	}
+	corrupt := filepath.Join(t.TempDir(), "certs")
+	if code, _, errOut := runCLI(t, "certs", "init", "--dir", corrupt); code != 0 {
+		t.Fatalf("certs init: exit %d, stderr %q", code, errOut)
+	}
+	if err := os.WriteFile(filepath.Join(corrupt, certs.RevokedFile), []byte("{not json"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, certsDir, want string
+	}{
+		{"missing", filepath.Join(t.TempDir(), "nowhere"), "certs init"},
+		{"empty", t.TempDir(), "certs init"},
+		{"no server key", noServerKey, certs.ServerKeyFile},
+		{"corrupt revoked.json", corrupt, certs.RevokedFile},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, existing := range []bool{false, true} {
+				data := filepath.Join(t.TempDir(), "data")
+				if existing {
+					if err := os.Mkdir(data, 0o700); err != nil {
+						t.Fatal(err)
+					}
+				}
+				code, _, errOut := runCLI(t, "serve", "--data", data, "--certs", tc.certsDir, "--mqtt", "127.0.0.1:0", "--api", "127.0.0.1:0")
+				if code != 1 || !strings.Contains(errOut, tc.want) || strings.Count(errOut, "\n") != 1 {
+					t.Errorf("serve: got exit %d, stderr %q; want exit 1, one line mentioning %q", code, errOut, tc.want)
+				}
+				entries, err := os.ReadDir(data)
+				switch {
+				case !existing && !errors.Is(err, os.ErrNotExist):
+					t.Errorf("serve created the data dir %s (err %v), want it absent", data, err)
+				case existing && (err != nil || len(entries) != 0):
+					t.Errorf("serve left %d entries in the data dir (err %v), want none", len(entries), err)
+				}
+			}
+		})
+	}
+	// The good dir serves, so the cases above fail for their certs alone.
+	srv, err := startServer(serverConfig{DataDir: filepath.Join(t.TempDir(), "data"), CertsDir: good,
+		MQTTAddr: "127.0.0.1:0", APIAddr: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatalf("serve with a good certs dir: %v", err)
+	}
+	srv.Close(context.Background())
 }

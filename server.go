@@ -77,6 +77,17 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 			s.Close(context.Background())
 		}
 	}()
+	// Certificates first: a wrong --certs must fail before the data dir, its state file or a
+	// release key is created.
+	revoked, err := certs.OpenRevocationList(cfg.CertsDir)
+	if err != nil {
+		return nil, fmt.Errorf("certs dir %s: %w", cfg.CertsDir, err)
+	}
+	// One configuration for both listeners: each clones it.
+	serverTLS, err := certs.ServerTLS(cfg.CertsDir, revoked)
+	if err != nil {
+		return nil, fmt.Errorf("certs dir %s: %w (make one with 'fota certs init')", cfg.CertsDir, err)
+	}
 	if s.db, err = openState(cfg.DataDir); err != nil {
 		return nil, err
 	}
@@ -99,24 +110,12 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("firmware store: %w", err)
 	}
-	revoked, err := certs.OpenRevocationList(cfg.CertsDir)
-	if err != nil {
-		return nil, fmt.Errorf("revocation list: %w", err)
-	}
-	mqttTLS, err := certs.ServerTLS(cfg.CertsDir, revoked)
-	if err != nil {
-		return nil, fmt.Errorf("broker tls: %w", err)
-	}
-	apiTLS, err := certs.ServerTLS(cfg.CertsDir, revoked)
-	if err != nil {
-		return nil, fmt.Errorf("api tls: %w", err)
-	}
 
 	// The controller and the broker refer to each other: the broker delivers device
 	// messages to the controller, the controller publishes through the broker.
 	var ctrl *controller.Controller
 	s.broker, err = broker.New(broker.Options{
-		Addr: cfg.MQTTAddr, TLS: mqttTLS, Logger: log,
+		Addr: cfg.MQTTAddr, TLS: serverTLS, Logger: log,
 		OnConnect:    func(id, model string) { ctrl.DeviceConnected(id, model) },
 		OnDisconnect: func(id string) { ctrl.DeviceDisconnected(id) },
 	})
@@ -168,7 +167,7 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 		return nil, fmt.Errorf("broker: %w", err)
 	}
 	s.api, err = api.New(api.Options{
-		Addr: cfg.APIAddr, TLS: apiTLS, Rollouts: ctrl, Firmware: s.store, Logger: log,
+		Addr: cfg.APIAddr, TLS: serverTLS, Rollouts: ctrl, Firmware: s.store, Logger: log,
 		Stats: s.stats,
 	})
 	if err != nil {
