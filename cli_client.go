@@ -25,9 +25,12 @@ const serverEnv = "FOTA_SERVER"
 
 const defaultServer = "https://127.0.0.1:8080"
 
+// adminEnv names the environment variable that --admin defaults to.
+const adminEnv = "FOTA_ADMIN"
+
 // adminFlags are the flags of every command that talks to the admin API.
 type adminFlags struct {
-	server, certs *string
+	server, certs, admin *string
 }
 
 func addAdminFlags(fs *flag.FlagSet) adminFlags {
@@ -35,9 +38,14 @@ func addAdminFlags(fs *flag.FlagSet) adminFlags {
 	if server == "" {
 		server = defaultServer
 	}
+	admin := os.Getenv(adminEnv)
+	if admin == "" {
+		admin = certs.DefaultAdmin
+	}
 	return adminFlags{
 		server: fs.String("server", server, "admin API URL (env "+serverEnv+")"),
-		certs:  fs.String("certs", os.Getenv(certsDirEnv), "certs dir holding ca.crt, admin.crt and admin.key (env "+certsDirEnv+")"),
+		certs:  fs.String("certs", os.Getenv(certsDirEnv), "certs dir holding ca.crt and the admin's certificate and key (env "+certsDirEnv+")"),
+		admin:  fs.String("admin", admin, "which admin's certificate to use: admin.crt for \"admin\", else admins/NAME.crt (env "+adminEnv+")"),
 	}
 }
 
@@ -47,6 +55,9 @@ func (f adminFlags) check(cmd string) error {
 	if *f.certs == "" {
 		return usagef("%s: --certs is required (or set $%s)", cmd, certsDirEnv)
 	}
+	if err := certs.ValidAdminName(*f.admin); err != nil {
+		return usagef("%s: --admin: %v", cmd, err)
+	}
 	u, err := url.Parse(*f.server)
 	if err != nil || u.Scheme != "https" || u.Host == "" || strings.Trim(u.Path, "/") != "" || u.RawQuery != "" || u.User != nil {
 		return usagef("%s: bad --server %q: want https://HOST:PORT", cmd, *f.server)
@@ -54,11 +65,15 @@ func (f adminFlags) check(cmd string) error {
 	return nil
 }
 
-// client loads the admin certificate and returns a client for --server.
+// client loads the certificate of admin --admin and returns a client for --server.
 func (f adminFlags) client(cmd string) (*api.Client, error) {
-	tc, err := certs.ClientTLS(*f.certs, certs.AdminCertFile, certs.AdminKeyFile)
+	certPath, keyPath, err := certs.AdminPaths(*f.certs, *f.admin)
 	if err != nil {
-		return nil, fmt.Errorf("%s: load the admin certificate: %w", cmd, err)
+		return nil, fmt.Errorf("%s: --admin: %w", cmd, err)
+	}
+	tc, err := certs.ClientTLS(*f.certs, certPath, keyPath)
+	if err != nil {
+		return nil, fmt.Errorf("%s: load the certificate of admin %q: %w", cmd, *f.admin, err)
 	}
 	return api.NewClient(*f.server, tc), nil
 }

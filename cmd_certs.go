@@ -68,12 +68,19 @@ func runCertsIssue(args []string, stdout io.Writer) error {
 	fs := newFlags("certs issue", stdout)
 	dir := certsDirFlag(fs)
 	id := fs.String("device", "", "device id: 1-64 bytes, no white space, / + # or leading $")
+	admin := fs.String("admin", "", "instead of a device, an admin named so: 1-64 of A-Z a-z 0-9 . _ -")
 	model := fs.String("model", "", "hardware model recorded in the certificate: 1-64 of A-Z a-z 0-9 . _ -, as in 'firmware add'")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
 	if err := needDir("certs issue", *dir); err != nil {
 		return err
+	}
+	if set(fs, "admin") {
+		if set(fs, "device") || set(fs, "model") {
+			return usagef("certs issue: --admin issues an admin certificate; it takes neither --device nor --model")
+		}
+		return issueAdmin(*dir, *admin, stdout)
 	}
 	if err := validDeviceFlag("certs issue", *id); err != nil {
 		return err
@@ -98,23 +105,97 @@ func runCertsIssue(args []string, stdout io.Writer) error {
 	return nil
 }
 
+func issueAdmin(dir, name string, stdout io.Writer) error {
+	if err := validAdminFlag("certs issue", name); err != nil {
+		return err
+	}
+	err := certs.IssueAdminFiles(dir, name)
+	switch {
+	case errors.Is(err, certs.ErrRevoked):
+		return fmt.Errorf("certs issue: admin %q was revoked, and revocation is permanent; choose another name", name)
+	case errors.Is(err, certs.ErrExists):
+		return fmt.Errorf("certs issue: admin %q already has a certificate or key in %s", name, dir)
+	case err != nil:
+		return fmt.Errorf("certs issue: %w", err)
+	}
+	certPath, keyPath, err := certs.AdminPaths(dir, name)
+	if err != nil {
+		return fmt.Errorf("certs issue: %w", err)
+	}
+	fmt.Fprintf(stdout, "wrote %s and %s; use them with --admin %s or $%s=%s\n", certPath, keyPath, name, adminEnv, name)
+	return nil
+}
+
 func runCertsRevoke(args []string, stdout io.Writer) error {
 	fs := newFlags("certs revoke", stdout)
 	dir := certsDirFlag(fs)
 	id := fs.String("device", "", "device id to revoke, permanently")
+	admin := fs.String("admin", "", "instead of a device, the admin to revoke, permanently (the one 'certs init' made is \"admin\")")
+	unissued := fs.Bool("unissued", false, "revoke even though this certs dir never issued the id or name")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
 	if err := needDir("certs revoke", *dir); err != nil {
 		return err
 	}
-	if err := validDeviceFlag("certs revoke", *id); err != nil {
+	what, name := "device", *id
+	if set(fs, "admin") {
+		if set(fs, "device") {
+			return usagef("certs revoke: give --device or --admin, not both")
+		}
+		if err := validAdminFlag("certs revoke", *admin); err != nil {
+			return err
+		}
+		what, name = "admin", *admin
+	} else if err := validDeviceFlag("certs revoke", *id); err != nil {
 		return err
 	}
-	if err := certs.Revoke(*dir, *id); err != nil {
+	list, err := certs.OpenRevocationList(*dir)
+	if err != nil {
 		return fmt.Errorf("certs revoke: %w", err)
 	}
-	fmt.Fprintf(stdout, "revoked device %q in %s (permanent: the id cannot be issued again)\n", *id, filepath.Join(*dir, certs.RevokedFile))
+	issued, err := certs.DeviceIssued(*dir, name)
+	revoked := list.Revoked(name)
+	if what == "admin" {
+		issued, err = certs.AdminIssued(*dir, name)
+		revoked = list.AdminRevoked(name)
+	}
+	if err != nil {
+		return fmt.Errorf("certs revoke: %w", err)
+	}
+	// Revocation is permanent, so a mistyped id or a wrong --dir would burn a name for good
+	// while the certificate meant stays valid: only what this dir issued is revoked unasked.
+	warn := !issued && !revoked
+	if warn && !*unissued {
+		return fmt.Errorf("certs revoke: %s %q was never issued from %s; check the name and --dir, or give --unissued to revoke it anyway (permanent)", what, name, *dir)
+	}
+	if what == "admin" {
+		err = certs.RevokeAdmin(*dir, name)
+	} else {
+		err = certs.Revoke(*dir, name)
+	}
+	if err != nil {
+		return fmt.Errorf("certs revoke: %w", err)
+	}
+	if warn {
+		fmt.Fprintf(stdout, "warning: %s %q was never issued from %s; revoked anyway, as --unissued asks\n", what, name, *dir)
+	}
+	fmt.Fprintf(stdout, "revoked %s %q in %s (permanent: it cannot be issued again)\n", what, name, filepath.Join(*dir, certs.RevokedFile))
+	return nil
+}
+
+// set reports whether the flag name was given on the command line, even as empty.
+func set(fs *flag.FlagSet, name string) bool {
+	found := false
+	fs.Visit(func(f *flag.Flag) { found = found || f.Name == name })
+	return found
+}
+
+// validAdminFlag turns a bad --admin into a usage error.
+func validAdminFlag(cmd, name string) error {
+	if err := certs.ValidAdminName(name); err != nil {
+		return usagef("%s: --admin: %v", cmd, err)
+	}
 	return nil
 }
 

@@ -3,16 +3,19 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"log/slog"
 	"net/http"
+	"net/http/httptrace"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fota-dev/fota/api"
 	"github.com/fota-dev/fota/certs"
@@ -289,4 +292,219 @@ func TestServeBadCertsCreatesNothing(t *testing.T) {
 		t.Fatalf("serve with a good certs dir: %v", err)
 	}
 	srv.Close(context.Background())
+}
+
+// TestCertsRevokeUnissued: revoking an id or admin name this certs dir never issued is refused,
+// burning nothing, unless --unissued asks for it, which warns.
+func TestCertsRevokeUnissued(t *testing.T) {
+	t.Setenv(certsDirEnv, "")
+	dir := filepath.Join(t.TempDir(), "certs")
+	if code, _, errOut := runCLI(t, "certs", "init", "--dir", dir); code != 0 {
+		t.Fatalf("certs init: exit %d, stderr %q", code, errOut)
+	}
+	for _, tc := range []struct{ what, flag string }{{"device", "--device"}, {"admin", "--admin"}} {
+		t.Run(tc.what, func(t *testing.T) {
+			code, out, errOut := runCLI(t, "certs", "revoke", "--dir", dir, tc.flag, "typo-1")
+			if code != 1 || !strings.Contains(errOut, "never issued") || !strings.Contains(errOut, "--unissued") || strings.Count(errOut, "\n") != 1 || out != "" {
+				t.Errorf("revoke of an unissued %s: got exit %d, stdout %q, stderr %q; want exit 1, one line naming --unissued", tc.what, code, out, errOut)
+			}
+			// A wrong --dir is the same mistake, and creates nothing there.
+			elsewhere := filepath.Join(t.TempDir(), "certs")
+			if code, _, _ := runCLI(t, "certs", "revoke", "--dir", elsewhere, tc.flag, "typo-1"); code != 1 {
+				t.Errorf("revoke in a dir that is no CA: got exit %d, want 1", code)
+			}
+			if _, err := os.Stat(elsewhere); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("revoke in a dir that is no CA created it (stat err %v)", err)
+			}
+			// Nothing was burnt: the name can still be issued.
+			if code, _, errOut := runCLI(t, "certs", "issue", "--dir", dir, tc.flag, "typo-1"); code != 0 {
+				t.Errorf("issue after a refused revoke: exit %d, stderr %q; want 0", code, errOut)
+			}
+
+			code, out, errOut = runCLI(t, "certs", "revoke", "--dir", dir, tc.flag, "ghost-1", "--unissued")
+			if code != 0 || !strings.HasPrefix(out, "warning: ") || !strings.Contains(out, "never issued") || strings.Count(out, "\n") != 2 {
+				t.Errorf("revoke --unissued: got exit %d, stdout %q, stderr %q; want exit 0, a warning line and the result", code, out, errOut)
+			}
+			code, _, errOut = runCLI(t, "certs", "issue", "--dir", dir, tc.flag, "ghost-1")
+			if code != 1 || !strings.Contains(errOut, "revoked") {
+				t.Errorf("issue of a name revoked with --unissued: got exit %d, stderr %q; want exit 1, revoked", code, errOut)
+			}
+			// Revoking again needs no flag: it is known now, and nothing changes.
+			code, out, _ = runCLI(t, "certs", "revoke", "--dir", dir, tc.flag, "ghost-1")
+			if code != 0 || strings.Contains(out, "warning") {
+				t.Errorf("second revoke: got exit %d, stdout %q; want 0 without a warning", code, out)
+			}
+		})
+	}
+}
+
+// TestCertsAdminCLI: certs issue --admin makes further admins, certs revoke --admin revokes
+// them, and both refuse what they cannot do with one line.
+func TestCertsAdminCLI(t *testing.T) {
+	t.Setenv(certsDirEnv, "")
+	dir := filepath.Join(t.TempDir(), "certs")
+	if code, _, errOut := runCLI(t, "certs", "init", "--dir", dir); code != 0 {
+		t.Fatalf("certs init: exit %d, stderr %q", code, errOut)
+	}
+	code, out, errOut := runCLI(t, "certs", "issue", "--dir", dir, "--admin", "ops")
+	if code != 0 || !strings.Contains(out, filepath.Join(dir, certs.AdminsDir, "ops.crt")) || strings.Count(out, "\n") != 1 {
+		t.Fatalf("certs issue --admin: got exit %d, stdout %q, stderr %q; want exit 0, one line naming admins/ops.crt", code, out, errOut)
+	}
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, certs.AdminsDir, "ops.crt"), filepath.Join(dir, certs.AdminsDir, "ops.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name, err := certs.AdminName(cert.Leaf); err != nil || name != "ops" {
+		t.Errorf("issued admin: got (%q, %v), want (ops, nil)", name, err)
+	}
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		wantCode int
+		wantErr  string
+	}{
+		{"issue twice", []string{"certs", "issue", "--dir", dir, "--admin", "ops"}, 1, "already has"},
+		{"issue the default", []string{"certs", "issue", "--dir", dir, "--admin", "admin"}, 1, "already has"},
+		{"issue with a model", []string{"certs", "issue", "--dir", dir, "--admin", "ops2", "--model", "primehub"}, 2, "--model"},
+		{"issue with a device", []string{"certs", "issue", "--dir", dir, "--admin", "ops2", "--device", "d"}, 2, "--device"},
+		{"issue bad name", []string{"certs", "issue", "--dir", dir, "--admin", "a/b"}, 2, "invalid admin name"},
+		{"issue empty name", []string{"certs", "issue", "--dir", dir, "--admin", ""}, 2, "invalid admin name"},
+		{"issue dot dot", []string{"certs", "issue", "--dir", dir, "--admin", ".."}, 2, "invalid admin name"},
+		{"revoke both", []string{"certs", "revoke", "--dir", dir, "--admin", "ops", "--device", "d"}, 2, "not both"},
+		{"revoke bad name", []string{"certs", "revoke", "--dir", dir, "--admin", "a b"}, 2, "invalid admin name"},
+		{"revoke unknown", []string{"certs", "revoke", "--dir", dir, "--admin", "nobody"}, 1, "never issued"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, errOut := runCLI(t, tc.args...)
+			if code != tc.wantCode || !strings.Contains(errOut, tc.wantErr) || strings.Count(errOut, "\n") != 1 {
+				t.Errorf("got exit %d, stderr %q; want exit %d, one line mentioning %q", code, errOut, tc.wantCode, tc.wantErr)
+			}
+		})
+	}
+	list, err := certs.OpenRevocationList(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if list.AdminRevoked("nobody") || list.AdminRevoked("ops") {
+		t.Fatal("refused commands revoked an admin")
+	}
+	for _, name := range []string{"ops", certs.DefaultAdmin} {
+		code, out, errOut := runCLI(t, "certs", "revoke", "--dir", dir, "--admin", name)
+		if code != 0 || !strings.Contains(out, "permanent") {
+			t.Errorf("certs revoke --admin %s: got exit %d, stdout %q, stderr %q; want exit 0 saying it is permanent", name, code, out, errOut)
+		}
+	}
+	if _, err := list.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if !list.AdminRevoked("ops") || !list.AdminRevoked(certs.DefaultAdmin) || list.Revoked("ops") {
+		t.Errorf("after revoking ops and admin: got admins revoked %v %v, device ops revoked %v; want true true false",
+			list.AdminRevoked("ops"), list.AdminRevoked(certs.DefaultAdmin), list.Revoked("ops"))
+	}
+	if code, _, errOut := runCLI(t, "certs", "issue", "--dir", dir, "--admin", "ops"); code != 1 || !strings.Contains(errOut, "revoked") {
+		t.Errorf("issue of a revoked admin: got exit %d, stderr %q; want exit 1, revoked", code, errOut)
+	}
+}
+
+// TestRevokeAdminLiveServer revokes an admin with the CLI while its client holds a keep-alive
+// connection to the running server: its next request on that connection is refused, and so
+// is every new connection, while the other admins carry on.
+func TestRevokeAdminLiveServer(t *testing.T) {
+	srv, certsDir := testServer(t)
+	t.Setenv(certsDirEnv, "")
+	t.Setenv(serverEnv, "")
+	t.Setenv(adminEnv, "")
+	apiURL := "https://" + srv.api.Addr().String()
+	for _, name := range []string{"ops", "oncall"} {
+		if code, _, errOut := runCLI(t, "certs", "issue", "--dir", certsDir, "--admin", name); code != 0 {
+			t.Fatalf("certs issue --admin %s: exit %d, stderr %q", name, code, errOut)
+		}
+	}
+	clientOf := func(name string) *api.Client {
+		certPath, keyPath, err := certs.AdminPaths(certsDir, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tc, err := certs.ClientTLS(certsDir, certPath, keyPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := api.NewClient(apiURL, tc)
+		t.Cleanup(c.Close)
+		return c
+	}
+	// reused reports whether a call went over a connection opened before it.
+	var reused bool
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+		GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused },
+	})
+	ops, oncall := clientOf("ops"), clientOf("oncall")
+	if err := ops.Health(ctx); err != nil {
+		t.Fatalf("ops before revocation: %v", err)
+	}
+	if err := ops.Health(ctx); err != nil || !reused {
+		t.Fatalf("ops before revocation: got err %v, connection reused %v; want nil, true", err, reused)
+	}
+	for _, args := range [][]string{
+		{"device", "list", "--server", apiURL, "--certs", certsDir},
+		{"device", "list", "--server", apiURL, "--certs", certsDir, "--admin", "ops"},
+	} {
+		if code, _, errOut := runCLI(t, args...); code != 0 {
+			t.Fatalf("%q before revocation: exit %d, stderr %q", args, code, errOut)
+		}
+	}
+
+	if code, _, errOut := runCLI(t, "certs", "revoke", "--dir", certsDir, "--admin", "ops"); code != 0 {
+		t.Fatalf("certs revoke --admin ops: exit %d, stderr %q", code, errOut)
+	}
+	// The server picks the change up within its watch interval; until then the old answer
+	// stands, on the same connection.
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if err = ops.Health(ctx); err != nil || time.Now().After(deadline) {
+			break
+		}
+		if !reused {
+			t.Fatal("ops opened a new connection while its first one was open")
+		}
+	}
+	var apiErr *api.Error
+	if !errors.As(err, &apiErr) || apiErr.StatusCode != http.StatusForbidden || !strings.Contains(apiErr.Message, "revoked") {
+		t.Fatalf("ops's next request on its open connection after revocation: got %v, want 403 revoked", err)
+	}
+	if !reused {
+		t.Error("the refused request went over a new connection, want the open one")
+	}
+	// The server closed that connection: the next request needs a handshake, which is refused.
+	if err := ops.Health(ctx); err == nil || reused {
+		t.Errorf("ops after the refusal: got err %v, connection reused %v; want an error on a new connection", err, reused)
+	}
+	code, out, errOut := runCLI(t, "device", "list", "--server", apiURL, "--certs", certsDir, "--admin", "ops")
+	if code != 1 || out != "" || strings.Count(errOut, "\n") != 1 {
+		t.Errorf("device list --admin ops: got exit %d, stdout %q, stderr %q; want exit 1 and one line", code, out, errOut)
+	}
+	t.Setenv(adminEnv, "ops")
+	if code, _, _ := runCLI(t, "device", "list", "--server", apiURL, "--certs", certsDir); code != 1 {
+		t.Errorf("device list with $%s=ops: got exit %d, want 1", adminEnv, code)
+	}
+
+	// The other admins are not affected, on open connections or new ones.
+	if err := oncall.Health(ctx); err != nil {
+		t.Errorf("oncall after ops's revocation: %v", err)
+	}
+	t.Setenv(adminEnv, "oncall")
+	if code, _, errOut := runCLI(t, "device", "list", "--server", apiURL, "--certs", certsDir); code != 0 {
+		t.Errorf("device list with $%s=oncall: exit %d, stderr %q", adminEnv, code, errOut)
+	}
+	t.Setenv(adminEnv, "")
+	if code, _, errOut := runCLI(t, "device", "list", "--server", apiURL, "--certs", certsDir); code != 0 {
+		t.Errorf("device list as the default admin: exit %d, stderr %q", code, errOut)
+	}
+	code, _, errOut = runCLI(t, "device", "list", "--server", apiURL, "--certs", certsDir, "--admin", "nobody")
+	if code != 1 || !strings.Contains(errOut, `admin "nobody"`) || strings.Count(errOut, "\n") != 1 {
+		t.Errorf("device list --admin nobody: got exit %d, stderr %q; want exit 1, one line naming the admin", code, errOut)
+	}
+	if code, _, errOut := runCLI(t, "device", "list", "--server", apiURL, "--certs", certsDir, "--admin", "../x"); code != 2 || !strings.Contains(errOut, "--admin") {
+		t.Errorf("device list --admin ../x: got exit %d, stderr %q; want exit 2 naming --admin", code, errOut)
+	}
 }

@@ -168,7 +168,7 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	}
 	s.api, err = api.New(api.Options{
 		Addr: cfg.APIAddr, TLS: serverTLS, Rollouts: ctrl, Firmware: s.store, Logger: log,
-		Stats: s.stats,
+		Stats: s.stats, Revoked: revoked,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("admin api: %w", err)

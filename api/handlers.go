@@ -113,17 +113,31 @@ func (s *Server) routes() http.Handler {
 	return s.requireAdmin(mux)
 }
 
-// requireAdmin refuses every client but the admin. The TLS layer has already verified that the
-// certificate comes from our CA, but devices hold such certificates too.
+// requireAdmin refuses every client but an admin whose name is not revoked. The TLS layer has
+// already verified that the certificate comes from our CA, but devices hold such certificates
+// too; and it checked revocation only when the connection was made, which keep-alive can make
+// long ago, so revocation is checked again on every request.
 func (s *Server) requireAdmin(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 || !certs.IsAdmin(r.TLS.PeerCertificates[0]) {
+		var name string
+		err := certs.ErrNotAdmin
+		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+			name, err = certs.AdminName(r.TLS.PeerCertificates[0])
+		}
+		if err != nil {
 			cn := ""
 			if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
 				cn = r.TLS.PeerCertificates[0].Subject.CommonName
 			}
 			s.log.Warn("refused non-admin client", "remote", r.RemoteAddr, "cn", cn, "method", r.Method, "path", r.URL.Path)
 			writeJSON(w, http.StatusForbidden, errorBody{"admin client certificate required"})
+			return
+		}
+		if s.opts.Revoked != nil && s.opts.Revoked.AdminRevoked(name) {
+			s.log.Warn("refused revoked admin", "remote", r.RemoteAddr, "admin", name, "method", r.Method, "path", r.URL.Path)
+			// Close the connection after the answer: its next request would be refused too.
+			w.Header().Set("Connection", "close")
+			writeJSON(w, http.StatusForbidden, errorBody{fmt.Sprintf("admin certificate %q is revoked", name)})
 			return
 		}
 		next.ServeHTTP(w, r)

@@ -41,6 +41,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fota-dev/fota/certs"
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/firmware"
 	"github.com/fota-dev/fota/protocol"
@@ -85,6 +86,16 @@ type FirmwareStore interface {
 
 var _ FirmwareStore = (*firmware.Store)(nil)
 
+// Revocations is what the API needs of the revocation list.
+type Revocations interface {
+	// Revoked reports whether device id is revoked.
+	Revoked(id string) bool
+	// AdminRevoked reports whether the admin named name is revoked.
+	AdminRevoked(name string) bool
+}
+
+var _ Revocations = (*certs.RevocationList)(nil)
+
 // Defaults for Options.
 const (
 	DefaultAddr      = "127.0.0.1:8080"
@@ -108,7 +119,7 @@ type Options struct {
 	// Addr is the TCP address to listen on; default DefaultAddr (loopback only).
 	Addr string
 	// TLS is required and must have ClientAuth set to tls.RequireAndVerifyClientCert; the
-	// server further requires the client certificate to be the admin's (certs.IsAdmin).
+	// server further requires the client certificate to be an admin's (certs.AdminName).
 	TLS *tls.Config
 	// Rollouts and Firmware are required.
 	Rollouts Rollouts
@@ -117,6 +128,10 @@ type Options struct {
 	Logger *slog.Logger
 	// MaxUpload is the largest firmware image accepted, in bytes; default DefaultMaxUpload.
 	MaxUpload int64
+	// Revoked, when set, is asked on every request whether the admin making it was revoked
+	// (the TLS config refuses revoked certificates only on new connections, and keep-alive
+	// connections outlive a revocation), and marks revoked devices in device answers.
+	Revoked Revocations
 	// Stats, when set, returns the server's live counters by part (broker, transfer,
 	// controller), for GET /api/v1/stats; each part is a JSON object of numbers.
 	Stats func() map[string]any
