@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"log/slog"
@@ -12,10 +13,13 @@ import (
 	"net/http/httptrace"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	mqtt "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/fota-dev/fota/api"
 	"github.com/fota-dev/fota/certs"
@@ -506,5 +510,77 @@ func TestRevokeAdminLiveServer(t *testing.T) {
 	}
 	if code, _, errOut := runCLI(t, "device", "list", "--server", apiURL, "--certs", certsDir, "--admin", "../x"); code != 2 || !strings.Contains(errOut, "--admin") {
 		t.Errorf("device list --admin ../x: got exit %d, stderr %q; want exit 2 naming --admin", code, errOut)
+	}
+}
+
+// TestDeviceListMarksRevoked: once a device is revoked, device list and device show mark it,
+// in the table and in the JSON, and leave the others unmarked.
+func TestDeviceListMarksRevoked(t *testing.T) {
+	srv, certsDir := testServer(t)
+	t.Setenv(certsDirEnv, "")
+	t.Setenv(serverEnv, "")
+	t.Setenv(adminEnv, "")
+	apiURL := "https://" + srv.api.Addr().String()
+	for _, id := range []string{"dev-a", "dev-b"} {
+		if code, _, errOut := runCLI(t, "certs", "issue", "--dir", certsDir, "--device", id, "--model", "primehub"); code != 0 {
+			t.Fatalf("certs issue %s: exit %d, stderr %q", id, code, errOut)
+		}
+		tc, err := certs.ClientTLS(certsDir, filepath.Join(certs.DevicesDir, id+".crt"), filepath.Join(certs.DevicesDir, id+".key"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tc.ServerName = "127.0.0.1"
+		c := mqtt.NewClient(mqtt.NewClientOptions().AddBroker("tls://" + srv.broker.Addr().String()).SetClientID(id).
+			SetTLSConfig(tc).SetProtocolVersion(4).SetAutoReconnect(false).SetConnectTimeout(5 * time.Second))
+		if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("connect %s: %v", id, tok.Error())
+		}
+		t.Cleanup(func() { c.Disconnect(0) })
+	}
+	// list runs device list --json until cond holds of what it prints, or 10 seconds pass.
+	list := func(what string, cond func(map[string]bool) bool) {
+		t.Helper()
+		var got map[string]bool
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+			code, out, errOut := runCLI(t, "device", "list", "--json", "--server", apiURL, "--certs", certsDir)
+			if code != 0 {
+				t.Fatalf("device list --json: exit %d, stderr %q", code, errOut)
+			}
+			var ds []struct {
+				ID      string `json:"id"`
+				Revoked *bool  `json:"revoked"`
+			}
+			if err := json.Unmarshal([]byte(out), &ds); err != nil {
+				t.Fatalf("device list --json: %v in %q", err, out)
+			}
+			got = map[string]bool{}
+			for _, d := range ds {
+				if d.Revoked == nil {
+					t.Fatalf("device list --json: device %s has no revoked field in %q", d.ID, out)
+				}
+				got[d.ID] = *d.Revoked
+			}
+			if cond(got) {
+				return
+			}
+		}
+		t.Fatalf("device list --json: got revoked %v, want %s", got, what)
+	}
+	list("both devices, neither revoked", func(m map[string]bool) bool {
+		return len(m) == 2 && !m["dev-a"] && !m["dev-b"]
+	})
+	if code, _, errOut := runCLI(t, "certs", "revoke", "--dir", certsDir, "--device", "dev-a"); code != 0 {
+		t.Fatalf("certs revoke: exit %d, stderr %q", code, errOut)
+	}
+	list("dev-a revoked, dev-b not", func(m map[string]bool) bool {
+		return len(m) == 2 && m["dev-a"] && !m["dev-b"]
+	})
+	code, out, errOut := runCLI(t, "device", "list", "--server", apiURL, "--certs", certsDir)
+	if code != 0 || !regexp.MustCompile(`(?m)^dev-a \(revoked\) `).MatchString(out) || !regexp.MustCompile(`(?m)^dev-b  `).MatchString(out) || strings.Count(out, "(revoked)") != 1 {
+		t.Errorf("device list: got exit %d, stdout %q, stderr %q; want dev-a marked (revoked) and dev-b not", code, out, errOut)
+	}
+	code, out, errOut = runCLI(t, "device", "show", "dev-a", "--server", apiURL, "--certs", certsDir)
+	if code != 0 || !regexp.MustCompile(`(?m)^device +dev-a \(revoked\)$`).MatchString(out) {
+		t.Errorf("device show dev-a: got exit %d, stdout %q, stderr %q; want it marked (revoked)", code, out, errOut)
 	}
 }

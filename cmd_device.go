@@ -20,11 +20,11 @@ func runDevice(args []string, stdout io.Writer) error {
 }
 
 func runDeviceList(args []string, stdout io.Writer) error {
-	return runList("device list", args, stdout, (*api.Client).ListDevices, listTable[controller.Device]{
+	return runList("device list", args, stdout, (*api.Client).ListDevices, listTable[api.Device]{
 		empty:  "no devices yet; a device registers when it first connects",
 		header: []string{"ID", "MODEL", "VERSION", "ONLINE", "LAST SEEN", "TAGS", "JOB"},
-		cells: func(d controller.Device) []string {
-			return []string{d.ID, d.Model, orDash(d.Version), yesNo(d.Online), fmtTime(d.LastSeen), orDash(tagFlags(d.Tags).String()), orDash(d.Job)}
+		cells: func(d api.Device) []string {
+			return []string{deviceName(d), d.Model, orDash(d.Version), yesNo(d.Online), fmtTime(d.LastSeen), orDash(tagFlags(d.Tags).String()), orDash(d.Job)}
 		},
 	})
 }
@@ -56,9 +56,18 @@ func runDeviceShow(args []string, stdout io.Writer) error {
 	})
 }
 
-func printDevice(w io.Writer, d controller.Device) error {
+// deviceName is a device's id, marked when its certificate is revoked: such a device stays
+// listed, since its record and jobs remain, but will never connect again.
+func deviceName(d api.Device) string {
+	if d.Revoked {
+		return d.ID + " (revoked)"
+	}
+	return d.ID
+}
+
+func printDevice(w io.Writer, d api.Device) error {
 	tw := newTable(w)
-	row(tw, "device", d.ID)
+	row(tw, "device", deviceName(d))
 	row(tw, "model", d.Model)
 	row(tw, "version", orDash(d.Version))
 	row(tw, "sha256", orDash(d.SHA256))

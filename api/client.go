@@ -308,8 +308,8 @@ func (c *Client) control(ctx context.Context, id, verb string, body any) (contro
 }
 
 // TagDevice sets tags of a device; an empty value removes the tag.
-func (c *Client) TagDevice(ctx context.Context, id string, tags map[string]string) (controller.Device, error) {
-	var d controller.Device
+func (c *Client) TagDevice(ctx context.Context, id string, tags map[string]string) (Device, error) {
+	var d Device
 	if id == "" {
 		return d, errors.New("device id is empty")
 	}
@@ -330,15 +330,15 @@ func (c *Client) doJSON(ctx context.Context, method, path string, body, out any)
 }
 
 // ListDevices returns every registered device.
-func (c *Client) ListDevices(ctx context.Context) ([]controller.Device, error) {
-	var list []controller.Device
+func (c *Client) ListDevices(ctx context.Context) ([]Device, error) {
+	var list []Device
 	_, err := c.do(ctx, http.MethodGet, pathDevices, nil, nil, nil, -1, &list)
 	return list, err
 }
 
 // GetDevice returns one device.
-func (c *Client) GetDevice(ctx context.Context, id string) (controller.Device, error) {
-	var d controller.Device
+func (c *Client) GetDevice(ctx context.Context, id string) (Device, error) {
+	var d Device
 	if id == "" {
 		return d, errors.New("device id is empty")
 	}

@@ -173,12 +173,27 @@ func (s *Server) cancelRollout(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// Device is a device as the API answers it: the controller's record, and whether the device's
+// certificate is revoked, which the controller does not know.
+type Device struct {
+	controller.Device
+	Revoked bool `json:"revoked"`
+}
+
+func (s *Server) device(d controller.Device) Device {
+	return Device{Device: d, Revoked: s.opts.Revoked != nil && s.opts.Revoked.Revoked(d.ID)}
+}
+
 func (s *Server) listDevices(w http.ResponseWriter, r *http.Request) error {
 	list, err := s.opts.Rollouts.ListDevices()
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, nonNil(list))
+	out := make([]Device, len(list))
+	for i, d := range list {
+		out[i] = s.device(d)
+	}
+	writeJSON(w, http.StatusOK, out)
 	return nil
 }
 
@@ -187,7 +202,7 @@ func (s *Server) getDevice(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, d)
+	writeJSON(w, http.StatusOK, s.device(d))
 	return nil
 }
 
@@ -209,6 +224,6 @@ func (s *Server) tagDevice(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, d)
+	writeJSON(w, http.StatusOK, s.device(d))
 	return nil
 }

@@ -239,13 +239,17 @@ func TestRoutes(t *testing.T) {
 	})
 	t.Run("list devices", func(t *testing.T) {
 		list, err := c.ListDevices(ctx)
-		if err != nil || !reflect.DeepEqual(list, e.rollouts.devices) {
+		want := make([]Device, len(e.rollouts.devices))
+		for i, d := range e.rollouts.devices {
+			want[i] = Device{Device: d}
+		}
+		if err != nil || !reflect.DeepEqual(list, want) {
 			t.Errorf("got %+v, %v; want %+v", list, err, e.rollouts.devices)
 		}
 	})
 	t.Run("get device", func(t *testing.T) {
 		d, err := c.GetDevice(ctx, "dev-2")
-		if err != nil || !reflect.DeepEqual(d, e.rollouts.devices[1]) {
+		if err != nil || !reflect.DeepEqual(d, Device{Device: e.rollouts.devices[1]}) {
 			t.Errorf("got %+v, %v; want %+v", d, err, e.rollouts.devices[1])
 		}
 	})
