@@ -148,6 +148,9 @@ type Server struct {
 	done    chan struct{} // closed when the serve goroutine returns
 	serveEr error
 	closed  bool
+
+	connMu sync.Mutex
+	conns  map[net.Conn]string // open connection: the admin it serves ("" if none), see trackConn
 }
 
 // New checks opts and returns a server that is not listening yet.
@@ -185,9 +188,10 @@ func New(opts Options) (*Server, error) {
 	}
 	opts.TLS = tc
 
-	s := &Server{opts: opts, log: log}
+	s := &Server{opts: opts, log: log, conns: make(map[net.Conn]string)}
 	s.http = &http.Server{
 		Handler:           s.routes(),
+		ConnState:         s.trackConn,
 		TLSConfig:         tc,
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
@@ -230,6 +234,54 @@ func (s *Server) Start() error {
 	}()
 	s.log.Info("admin API listening", "addr", ln.Addr().String())
 	return nil
+}
+
+// trackConn records which admin each open connection serves, for CloseAdmin. A connection
+// turns active only once its handshake is done and its first request arrives, so its
+// certificate is known then.
+func (s *Server) trackConn(c net.Conn, state http.ConnState) {
+	switch state {
+	case http.StateActive:
+		s.connMu.Lock()
+		_, known := s.conns[c]
+		s.connMu.Unlock()
+		if known {
+			return
+		}
+		name := ""
+		if tc, ok := c.(*tls.Conn); ok {
+			if cs := tc.ConnectionState(); len(cs.PeerCertificates) > 0 {
+				name, _ = certs.AdminName(cs.PeerCertificates[0])
+			}
+		}
+		s.connMu.Lock()
+		s.conns[c] = name
+		s.connMu.Unlock()
+	case http.StateClosed, http.StateHijacked:
+		s.connMu.Lock()
+		delete(s.conns, c)
+		s.connMu.Unlock()
+	}
+}
+
+// CloseAdmin closes every open connection of admin name, idle or in the middle of a request
+// (an upload, say), and returns how many it closed. The server calls it when the admin is
+// revoked; a connection whose first request is still on its way is refused by the check every
+// request passes (Options.Revoked).
+func (s *Server) CloseAdmin(name string) int {
+	var victims []net.Conn
+	s.connMu.Lock()
+	for c, n := range s.conns {
+		if n == name {
+			victims = append(victims, c)
+			delete(s.conns, c)
+		}
+	}
+	s.connMu.Unlock()
+	for _, c := range victims {
+		c.Close()
+	}
+	return len(victims)
 }
 
 // Addr returns the bound address, or nil before Start.

@@ -189,9 +189,10 @@ type RevocationList struct {
 	path string
 	ids  atomic.Pointer[revokedSets]
 
-	mu   sync.Mutex  // serialises Reload
-	info fs.FileInfo // of the file last loaded; nil while it is missing
-	err  error       // of the last Reload
+	mu      sync.Mutex        // serialises Reload
+	info    fs.FileInfo       // of the file last loaded; nil while it is missing
+	err     error             // of the last Reload
+	onAdmin func(name string) // see OnAdminRevoke
 }
 
 // OpenRevocationList loads revoked.json from dir. A missing file is an empty list (it appears
@@ -218,53 +219,73 @@ func (r *RevocationList) AdminRevoked(name string) bool {
 }
 
 // Reload re-reads the file if it changed (another inode, size or mtime) and returns the device
-// ids revoked since the last load, sorted (admins are not listed: see AdminRevoked). On a corrupt file it keeps the previous list and
-// returns the error. A removed file empties the list.
+// ids revoked since the last load, sorted (admins are not listed: see AdminRevoked and
+// OnAdminRevoke). On a corrupt file it keeps the previous list and returns the error. A removed
+// file empties the list.
 func (r *RevocationList) Reload() (added []string, err error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	added, err = r.reload()
-	r.err = err
+	added, _, err = r.reloadBoth()
 	return added, err
 }
 
-func (r *RevocationList) reload() ([]string, error) {
+// OnAdminRevoke sets the function Watch calls with each newly revoked admin name, so that the
+// caller can close that admin's open connections. Set it before Watch starts.
+func (r *RevocationList) OnAdminRevoke(fn func(name string)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.onAdmin = fn
+}
+
+// reloadBoth is Reload that also returns the admin names revoked since the last load.
+func (r *RevocationList) reloadBoth() (devices, admins []string, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	devices, admins, err = r.reload()
+	r.err = err
+	return devices, admins, err
+}
+
+func (r *RevocationList) reload() (devices, admins []string, err error) {
 	f, err := os.Open(r.path)
 	if errors.Is(err, fs.ErrNotExist) {
 		if r.info != nil {
 			r.info = nil
 			r.ids.Store(newRevokedSets(revokedDoc{}))
 		}
-		return nil, nil
+		return nil, nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("reload %s: %w", r.path, err)
+		return nil, nil, fmt.Errorf("reload %s: %w", r.path, err)
 	}
 	defer f.Close()
 	// Stat the open file, not the path, so the recorded state is that of what is read.
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, fmt.Errorf("reload %s: %w", r.path, err)
+		return nil, nil, fmt.Errorf("reload %s: %w", r.path, err)
 	}
 	if r.info != nil && os.SameFile(r.info, fi) && fi.Size() == r.info.Size() && fi.ModTime().Equal(r.info.ModTime()) {
-		return nil, nil
+		return nil, nil, nil
 	}
 	doc, err := decodeRevoked(f, r.path)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	next := newRevokedSets(doc)
 	prev := r.ids.Load()
+	r.ids.Store(next)
+	r.info = fi
+	return newKeys(prev.devices, next.devices), newKeys(prev.admins, next.admins), nil
+}
+
+// newKeys returns the keys of next that prev lacks, sorted.
+func newKeys(prev, next map[string]struct{}) []string {
 	var added []string
-	for id := range next.devices {
-		if _, ok := prev.devices[id]; !ok {
-			added = append(added, id)
+	for k := range next {
+		if _, ok := prev[k]; !ok {
+			added = append(added, k)
 		}
 	}
 	slices.Sort(added)
-	r.ids.Store(next)
-	r.info = fi
-	return added, nil
+	return added
 }
 
 // Err returns the error of the last Reload, nil after a good one.
@@ -275,8 +296,10 @@ func (r *RevocationList) Err() error {
 }
 
 // Watch reloads the list every tick (1s when every <= 0) until ctx is done, calling onRevoke
-// (when not nil) for each newly revoked id so that the caller can drop its live connections.
-// A failed reload keeps the previous list and is retried next tick; see Err.
+// (when not nil) for each newly revoked device id, and the function set with OnAdminRevoke for
+// each newly revoked admin, so that the caller can drop their live connections. Both are
+// called after the list holds the change. A failed reload keeps the previous list and is
+// retried next tick; see Err.
 func (r *RevocationList) Watch(ctx context.Context, every time.Duration, onRevoke func(id string)) {
 	if every <= 0 {
 		every = time.Second
@@ -289,10 +312,18 @@ func (r *RevocationList) Watch(ctx context.Context, every time.Duration, onRevok
 			return
 		case <-t.C:
 		}
-		added, _ := r.Reload()
+		devices, admins, _ := r.reloadBoth()
 		if onRevoke != nil {
-			for _, id := range added {
+			for _, id := range devices {
 				onRevoke(id)
+			}
+		}
+		r.mu.Lock()
+		onAdmin := r.onAdmin
+		r.mu.Unlock()
+		if onAdmin != nil {
+			for _, name := range admins {
+				onAdmin(name)
 			}
 		}
 	}

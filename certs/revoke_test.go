@@ -181,3 +181,64 @@ func TestWatch(t *testing.T) {
 		}
 	}
 }
+
+// TestWatchAdmins: Watch tells the OnAdminRevoke function of each newly revoked admin, once,
+// after the list holds it, and keeps admins and devices apart.
+func TestWatchAdmins(t *testing.T) {
+	dir := t.TempDir()
+	r, err := certs.OpenRevocationList(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	devices, admins := make(chan string, 4), make(chan string, 4)
+	r.OnAdminRevoke(func(name string) {
+		if !r.AdminRevoked(name) {
+			t.Errorf("OnAdminRevoke(%s) before the list holds it", name)
+		}
+		admins <- name
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		r.Watch(ctx, 5*time.Millisecond, func(id string) { devices <- id })
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	next := func(ch chan string, what string) string {
+		t.Helper()
+		select {
+		case g := <-ch:
+			return g
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no %s reported within 5s", what)
+			return ""
+		}
+	}
+	if err := certs.RevokeAdmin(dir, "ops"); err != nil {
+		t.Fatal(err)
+	}
+	if g := next(admins, "admin"); g != "ops" {
+		t.Errorf("OnAdminRevoke: got %q, want ops", g)
+	}
+	// A device revoked next is reported as a device only, and ops is not reported again.
+	if err := certs.Revoke(dir, "ops"); err != nil {
+		t.Fatal(err)
+	}
+	if g := next(devices, "device"); g != "ops" {
+		t.Errorf("onRevoke: got %q, want ops", g)
+	}
+	if err := certs.RevokeAdmin(dir, "oncall"); err != nil {
+		t.Fatal(err)
+	}
+	if g := next(admins, "admin"); g != "oncall" {
+		t.Errorf("OnAdminRevoke: got %q, want oncall (and ops only once)", g)
+	}
+	select {
+	case g := <-devices:
+		t.Errorf("onRevoke(%q) for an admin", g)
+	default:
+	}
+}
