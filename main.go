@@ -32,7 +32,7 @@ func commands() []command {
 		{"serve", "run the broker, controller and admin API", runServe},
 		{"demo", "update 20 simulated devices end to end in a temp dir", runDemo},
 		{"sim", "run simulated devices", runSim},
-		{"certs", "init a CA, issue and revoke device certificates", runCerts},
+		{"certs", "init a CA, issue and revoke device and admin certificates", runCerts},
 		{"firmware", "add, list, sign and delete firmware", runFirmware},
 		{"keys", "generate release signing keys", runKeys},
 		{"delta", "make and apply delta patches", runDelta},

@@ -1,6 +1,6 @@
 // Package api is fota's admin API: a small JSON-over-HTTPS server that `fota serve` runs for
-// operators, and the Go client the CLI uses to talk to it. Every request must present the admin
-// client certificate; devices never talk to this API, they speak MQTT.
+// operators, and the Go client the CLI uses to talk to it. Every request must present an admin
+// client certificate whose admin is not revoked; devices never talk to this API, they speak MQTT.
 //
 // Adding firmware is POST /api/v1/firmware with the raw image as the body
 // (application/octet-stream), streamed into the store, and everything else in the query and

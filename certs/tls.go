@@ -18,7 +18,9 @@ import (
 // in VerifyPeerCertificate would let a revoked device back in with a session ticket. Whether a
 // verified certificate may do what it asks (a device on MQTT, the admin on the API) is left to
 // each listener, see DeviceIdentity and AdminName. A listener that keeps connections open
-// across requests checks an admin's name again on each (RevocationList.AdminRevoked).
+// across requests checks an admin's name again on each (RevocationList.AdminRevoked). The
+// error of a handshake refused for revocation wraps ErrRevoked, so that a listener can count
+// and log those refusals apart from the others.
 //
 // When revoked is nil, ServerTLS keeps its own list of dir's revoked.json and checks the file
 // for changes on every handshake. Callers that Watch a list to drop live connections pass it,
