@@ -180,8 +180,7 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	// A revoked device is refused at its next handshake by the TLS config; the watcher also
 	// closes the connection it has open now. So for a revoked admin and the admin API.
 	revoked.OnAdminRevoke(func(name string) {
-		n := s.api.CloseAdmin(name)
-		log.Info("revoked admin's connections closed", "admin", name, "connections", n)
+		log.Info("admin revoked; its open API connections closed", "admin", name, "connections", s.api.CloseAdmin(name))
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stopWatch, s.watchDone = cancel, make(chan struct{})
