@@ -280,11 +280,12 @@ type AddRequest struct {
 // stored one.
 //
 // An empty body fails with ErrEmpty, one above MaxSize with ErrTooLarge, a bad model with
-// ErrBadModel and a bad version with protocol.ErrBadVersion. Without the signing key and
-// without a manifest, or with an unsigned one, Add fails with ErrUnsigned; a manifest not
-// signed by the release key fails with ErrBadSignature, one that describes other firmware
-// with ErrManifestMismatch, an expiry already passed with ErrExpired. Those about the
-// manifest fail before the body is read. None of them leave anything behind.
+// ErrBadModel, a bad version with protocol.ErrBadVersion, notes above MaxNotesLen or not
+// UTF-8 with ErrBadNotes. Without the signing key and without a manifest, or with an unsigned
+// one, Add fails with ErrUnsigned; a manifest not signed by the release key fails with
+// ErrBadSignature, one that describes other firmware with ErrManifestMismatch, an expiry
+// already passed with ErrExpired. Those about the notes and the manifest fail before the body
+// is read. None of them leave anything behind.
 func (s *Store) Add(ctx context.Context, req AddRequest) (f Firmware, created bool, err error) {
 	if m := req.Manifest; m != nil {
 		req.Model = cmp.Or(req.Model, m.Model)
@@ -296,6 +297,9 @@ func (s *Store) Add(ctx context.Context, req AddRequest) (f Firmware, created bo
 	_, version, err := canonicalVersion(req.Version)
 	if err != nil {
 		return Firmware{}, false, fmt.Errorf("add firmware: %w", err)
+	}
+	if err := ValidNotes(req.Notes); err != nil {
+		return Firmware{}, false, fmt.Errorf("add firmware %s %s: %w", req.Model, version, err)
 	}
 	if s.isClosed() {
 		return Firmware{}, false, fmt.Errorf("add firmware: %w", ErrClosed)
