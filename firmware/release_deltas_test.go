@@ -188,3 +188,39 @@ func TestOpenMigratesDeltaVerdicts(t *testing.T) {
 		t.Errorf("Deltas after the migration: got %+v (%v), want hubx and primehub 7.27.0 -> 7.28.0", list, err)
 	}
 }
+
+// TestUploadedDeltaOfResignedRelease: offline, a delta uploaded for a release that has since
+// been signed again (a new expiry) is not offered with the old expiry; the server says to
+// sign the delta again, and takes the one signed for the new manifest.
+func TestUploadedDeltaOfResignedRelease(t *testing.T) {
+	r := newOfflineRelease(t, true)
+	m, patch := r.signedDelta(t, testKey, r.oldImg, shaOf(r.oldImg))
+	p, _ := startPatcher(t, r.e, r.s, 0)
+	if _, _, err := r.s.AddDelta(t.Context(), m, bytes.NewReader(patch)); err != nil {
+		t.Fatal(err)
+	}
+
+	resigned := r.target.Manifest()
+	resigned.Signature = ""
+	resigned.Expires = time.Now().Add(24 * time.Hour).UTC().Truncate(time.Second).Format(time.RFC3339)
+	resigned, err := firmware.Sign(resigned, testKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.target, _, err = r.s.Add(t.Context(), firmware.AddRequest{Manifest: &resigned, Body: bytes.NewReader(r.newImg)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := p.Delta(r.base.SHA256, r.target.Manifest()); ok || err == nil || !strings.Contains(err.Error(), "sign it again") {
+		t.Fatalf("delta signed before the release was re-signed: got ready=%v err=%v, want no delta and to sign it again", ok, err)
+	}
+
+	m, patch = r.signedDelta(t, testKey, r.oldImg, shaOf(r.oldImg))
+	if _, created, err := r.s.AddDelta(t.Context(), m, bytes.NewReader(patch)); err != nil || !created {
+		t.Fatalf("AddDelta of the delta signed again: got created=%v err=%v", created, err)
+	}
+	got, ok, err := p.Delta(r.base.SHA256, r.target.Manifest())
+	if !ok || err != nil {
+		t.Fatalf("after the new upload: got ready=%v err=%v, want the delta", ok, err)
+	}
+	checkForRelease(t, got, r.base.SHA256, r.target)
+}
