@@ -307,8 +307,8 @@ func (p *Patcher) readArtifact(sha string) ([]byte, error) {
 // AddDelta), sweepDeltas and Open's sweepUnnamed. A verdict is stored in the transaction that
 // checks the release's firmware record still names its target (AddDelta: still has the
 // manifest the upload repeats), and Delete removes that record and the release's verdicts
-// in one transaction, so either the verdict
-// commits first and Delete drops it, or Delete commits first and the verdict is not stored.
+// in one transaction, so either the verdict commits first and Delete drops it, or Delete
+// commits first and the verdict is not stored.
 // Whether a patch is still named by a firmware record or another verdict is decided inside
 // the transaction that drops a verdict, and the file is removed after the commit but before
 // commitMu is released, so no record can start naming it, nor install's "already there"
