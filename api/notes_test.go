@@ -150,3 +150,26 @@ func TestFirmwareNotesInBody(t *testing.T) {
 		t.Errorf("raw image: got %d %q, want 201", status, msg)
 	}
 }
+
+// TestNotesUploadImageLimit: with notes in the body, the image itself is still held to
+// MaxUpload, and the refusal names the image.
+func TestNotesUploadImageLimit(t *testing.T) {
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := realStore(t, priv, nil)
+	e := start(t, func(o *Options) { o.Firmware, o.MaxUpload = store, 16 })
+	b, ctype := multipartBody(t, [2]string{"notes", "short"}, [2]string{"image", strings.Repeat("x", 17)})
+	status, msg := rawUpload(t, e, "model=primehub&version=1.0.0", ctype, b)
+	if status != http.StatusRequestEntityTooLarge || !strings.Contains(msg, "firmware image too large") {
+		t.Errorf("17-byte image with notes: got %d %q, want 413 firmware image too large", status, msg)
+	}
+	if list, err := store.List(); err != nil || len(list) != 0 {
+		t.Errorf("store after the refusal: got %d records (%v), want none", len(list), err)
+	}
+	b, ctype = multipartBody(t, [2]string{"notes", "short"}, [2]string{"image", strings.Repeat("x", 16)})
+	if status, msg := rawUpload(t, e, "model=primehub&version=1.0.0", ctype, b); status != http.StatusCreated {
+		t.Errorf("16-byte image with notes: got %d %q, want 201", status, msg)
+	}
+}
