@@ -327,7 +327,7 @@ func (s *Server) firmwareBody(w http.ResponseWriter, r *http.Request) (*upload, 
 				return nil, "", body.failed(errStatus(http.StatusBadRequest, "read the %q part: %v", partNotes, err))
 			}
 			if len(b) > firmware.MaxNotesLen {
-				return nil, "", fmt.Errorf("%w: more than %d bytes, the limit is %d (64 KiB)", firmware.ErrBadNotes, firmware.MaxNotesLen, firmware.MaxNotesLen)
+				return nil, "", fmt.Errorf("%w: over the limit of %d bytes (64 KiB)", firmware.ErrBadNotes, firmware.MaxNotesLen)
 			}
 			notes, seenNotes = string(b), true
 			if err := firmware.ValidNotes(notes); err != nil {

@@ -120,7 +120,7 @@ func TestFirmwareNotesInBody(t *testing.T) {
 		msg         string
 	}{
 		{"notes over the limit", "model=primehub&version=1.1.0", [][2]string{{"notes", big}, {"image", "image 2"}},
-			http.StatusBadRequest, "the limit is 65536"},
+			http.StatusBadRequest, "over the limit of 65536 bytes"},
 		{"notes not UTF-8", "model=primehub&version=1.1.0", [][2]string{{"notes", "caf\xe9"}, {"image", "image 2"}},
 			http.StatusBadRequest, "not UTF-8"},
 		{"notes in the query", "model=primehub&version=1.1.0&notes=hello", [][2]string{{"image", "image 2"}},
