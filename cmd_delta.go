@@ -274,7 +274,8 @@ func runDeltaAdd(args []string, stdout io.Writer) error {
 	})
 }
 
-// runDeltaList lists the delta patches the server offers, and the pairs it refused one.
+// runDeltaList lists, per release, the delta patches the server offers and the bases it
+// refused one.
 func runDeltaList(args []string, stdout io.Writer) error {
 	return runList("delta list", args, stdout, (*api.Client).ListDeltas, listTable[firmware.Delta]{
 		empty:  "no delta patches yet: the server makes them as devices ask (with the release key), or add one with 'fota delta add'",

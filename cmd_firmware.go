@@ -37,7 +37,8 @@ func runFirmwareAdd(args []string, stdout io.Writer) error {
 	model := fs.String("model", "", "hardware model the image is for (default: the manifest's)")
 	version := fs.String("version", "", "firmware version, MAJOR.MINOR.PATCH[-PRERELEASE] (default: the manifest's)")
 	file := fs.String("file", "", "firmware image file")
-	notes := fs.String("notes", "", "release notes, kept with the image")
+	notes := fs.String("notes", "", "release notes, kept with the image (UTF-8, at most 64 KiB)")
+	notesFile := fs.String("notes-file", "", "file holding the release notes, instead of --notes")
 	counter := fs.Uint64("counter", 0, "security counter (default: the manifest's, or one above the model's highest)")
 	expires := fs.String("expires", "", "when devices stop accepting the manifest the server signs: RFC 3339 time or duration (e.g. 2160h, 90d)")
 	manifestFile := fs.String("manifest", "", "manifest signed offline with 'fota firmware sign'; required by a server that holds only release.pub")
@@ -54,6 +55,11 @@ func runFirmwareAdd(args []string, stdout io.Writer) error {
 		return usagef("%s: --file is required", cmd)
 	case *expires != "" && *manifestFile != "":
 		return usagef("%s: --expires cannot change a signed manifest; sign it again with 'fota firmware sign --expires'", cmd)
+	case *notes != "" && *notesFile != "":
+		return usagef("%s: give --notes or --notes-file, not both", cmd)
+	}
+	if err := firmware.ValidNotes(*notes); err != nil {
+		return usagef("%s: --notes: %v", cmd, err)
 	}
 	if *model != "" {
 		if err := checkModel(cmd, *model); err != nil {
@@ -76,6 +82,13 @@ func runFirmwareAdd(args []string, stdout io.Writer) error {
 		return err
 	}
 	// Check the files before dialling, so a typo in a path is reported as such.
+	if *notesFile != "" {
+		text, err := readNotes(*notesFile)
+		if err != nil {
+			return fmt.Errorf("%s: %w", cmd, err)
+		}
+		*notes = text
+	}
 	f, err := openImage(*file)
 	if err != nil {
 		return fmt.Errorf("%s: %w", cmd, err)
@@ -117,6 +130,30 @@ func runFirmwareAdd(args []string, stdout io.Writer) error {
 		_, err = fmt.Fprintf(stdout, format, clean(fw.Model), clean(fw.Version), fmtSize(fw.Size), fw.Counter, clean(fw.SHA256), extra)
 		return err
 	})
+}
+
+// readNotes reads release notes from path, refusing more than the server keeps.
+func readNotes(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err
+		}
+		return "", fmt.Errorf("cannot read notes file %s: %w", path, err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, firmware.MaxNotesLen+1))
+	switch {
+	case err != nil:
+		return "", fmt.Errorf("cannot read notes file %s: %w", path, err)
+	case len(b) > firmware.MaxNotesLen:
+		return "", fmt.Errorf("notes file %s is larger than the limit of %d bytes (64 KiB)", path, firmware.MaxNotesLen)
+	}
+	if err := firmware.ValidNotes(string(b)); err != nil {
+		return "", fmt.Errorf("notes file %s: %w", path, err)
+	}
+	return string(b), nil
 }
 
 // maxManifestFile bounds what readManifest reads; a manifest is about 500 bytes.
@@ -321,9 +358,24 @@ func runFirmwareList(args []string, stdout io.Writer) error {
 		header: []string{"MODEL", "VERSION", "COUNTER", "SIGNED", "SIZE", "SHA256", "EXPIRES", "CREATED", "NOTES"},
 		cells: func(f firmware.Firmware) []string {
 			return []string{f.Model, f.Version, strconv.FormatUint(f.Counter, 10), yesNo(f.Signature != ""),
-				fmtSize(f.Size), short(f.SHA256), fmtTime(f.Expires), fmtTime(f.Created), f.Notes}
+				fmtSize(f.Size), short(f.SHA256), fmtTime(f.Expires), fmtTime(f.Created), notesLine(f.Notes)}
 		},
 	})
+}
+
+// notesLine is what a table row shows of release notes, which may run to 64 KiB: the first
+// line, cut short. --json has them whole.
+func notesLine(notes string) string {
+	const maxRunes = 60
+	line, _, more := strings.Cut(strings.TrimSpace(notes), "\n")
+	line = strings.TrimSpace(line)
+	if r := []rune(line); len(r) > maxRunes {
+		line, more = string(r[:maxRunes]), true
+	}
+	if more {
+		line += "…"
+	}
+	return line
 }
 
 // runFirmwareDelete removes an image from the server. The server refuses while an unfinished

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime/multipart"
 	"net"
 	"net/http"
 	"net/url"
@@ -111,10 +112,15 @@ type FirmwareUpload struct {
 // UploadFirmware uploads an image, streaming its body. It returns the stored record and
 // whether it is new (false when the same image was already stored under that version). If the
 // body is a file, its size is sent up front so that an image over the server's limit, or a
-// request the server refuses for its manifest, is refused before the image is sent.
+// request the server refuses for its manifest, is refused before the image is sent. Notes
+// go in the body, ahead of the image; notes the server would refuse (firmware.ValidNotes)
+// are refused here, before anything is sent.
 func (c *Client) UploadFirmware(ctx context.Context, u FirmwareUpload) (firmware.Firmware, bool, error) {
+	if err := firmware.ValidNotes(u.Notes); err != nil {
+		return firmware.Firmware{}, false, err
+	}
 	q := url.Values{}
-	for k, v := range map[string]string{"model": u.Model, "version": u.Version, "notes": u.Notes} {
+	for k, v := range map[string]string{"model": u.Model, "version": u.Version} {
 		if v != "" {
 			q.Set(k, v)
 		}
@@ -133,12 +139,37 @@ func (c *Client) UploadFirmware(ctx context.Context, u FirmwareUpload) (firmware
 		}
 		hdr = http.Header{headerManifest: {base64.StdEncoding.EncodeToString(b)}}
 	}
+	body, size := u.Body, bodySize(u.Body)
+	if u.Notes != "" {
+		var ctype string
+		body, size, ctype = withNotes(u.Notes, body, size)
+		if hdr == nil {
+			hdr = http.Header{}
+		}
+		hdr.Set("Content-Type", ctype)
+	}
 	var f firmware.Firmware
-	status, err := c.do(ctx, http.MethodPost, pathFirmware, q, hdr, u.Body, bodySize(u.Body), &f)
+	status, err := c.do(ctx, http.MethodPost, pathFirmware, q, hdr, body, size, &f)
 	if err != nil {
 		return firmware.Firmware{}, false, err
 	}
 	return f, status == http.StatusCreated, nil
+}
+
+// withNotes wraps an image of size bytes (-1: unknown) in the multipart/form-data body that
+// carries notes ahead of it, and returns the body, its size and its Content-Type. The image
+// is streamed, not copied.
+func withNotes(notes string, image io.Reader, size int64) (io.Reader, int64, string) {
+	var head bytes.Buffer
+	mw := multipart.NewWriter(&head)
+	// Writes to a bytes.Buffer do not fail.
+	_ = mw.WriteField(partNotes, notes)
+	_, _ = mw.CreateFormFile(partImage, "image")
+	tail := "\r\n--" + mw.Boundary() + "--\r\n" // what mw.Close would write
+	if size >= 0 {
+		size += int64(head.Len() + len(tail))
+	}
+	return io.MultiReader(&head, image, strings.NewReader(tail)), size, mw.FormDataContentType()
 }
 
 // UploadDelta adds a delta patch signed offline ('fota delta sign'): m is its signed delta
@@ -157,7 +188,8 @@ func (c *Client) UploadDelta(ctx context.Context, m protocol.Manifest, body io.R
 	return d, status == http.StatusCreated, nil
 }
 
-// ListDeltas returns the delta patches the server offers, and the pairs it refused one.
+// ListDeltas returns, per release, the delta patches the server offers and the bases it
+// refused one.
 func (c *Client) ListDeltas(ctx context.Context) ([]firmware.Delta, error) {
 	var list []firmware.Delta
 	_, err := c.do(ctx, http.MethodGet, pathDeltas, nil, nil, nil, -1, &list)
@@ -373,7 +405,9 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 	if rc != http.NoBody {
 		req.ContentLength = size
 		if path == pathFirmware {
-			req.Header.Set("Content-Type", "application/octet-stream")
+			if req.Header.Get("Content-Type") == "" { // a multipart upload has set its own
+				req.Header.Set("Content-Type", "application/octet-stream")
+			}
 			req.Header.Set("Expect", "100-continue")
 		} else {
 			req.Header.Set("Content-Type", "application/json")

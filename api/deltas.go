@@ -18,7 +18,7 @@ func (s *Server) addDelta(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	u, err := s.startUpload(w, r, "delta patch")
+	u, err := s.startUpload(w, r, "delta patch", 0)
 	if err != nil {
 		return err
 	}

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
+	"mime/multipart"
 	"net/http"
 	"strconv"
 	"strings"
@@ -184,7 +186,8 @@ func (s *Server) classify(err error) (int, string) {
 		errors.Is(err, firmware.ErrBadModel), errors.Is(err, firmware.ErrEmpty),
 		errors.Is(err, firmware.ErrUnsigned), errors.Is(err, firmware.ErrBadSignature),
 		errors.Is(err, firmware.ErrBadManifest), errors.Is(err, firmware.ErrManifestMismatch),
-		errors.Is(err, firmware.ErrExpired), errors.Is(err, delta.ErrBadPatch):
+		errors.Is(err, firmware.ErrExpired), errors.Is(err, delta.ErrBadPatch),
+		errors.Is(err, firmware.ErrBadNotes):
 		return http.StatusBadRequest, err.Error()
 	case errors.Is(err, controller.ErrConflict), errors.Is(err, firmware.ErrConflict),
 		errors.Is(err, firmware.ErrInUse):
@@ -247,7 +250,11 @@ func (s *Server) stats(w http.ResponseWriter, r *http.Request) error {
 // The body is streamed into the store, never held in memory, and cut off at MaxUpload.
 func (s *Server) addFirmware(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
-	req := firmware.AddRequest{Model: q.Get("model"), Version: q.Get("version"), Notes: q.Get("notes")}
+	if q.Has("notes") {
+		// The query and headers together are bounded far below what notes may hold.
+		return errStatus(http.StatusBadRequest, "release notes go in the request body, not the query: send multipart/form-data with a %q field and then the %q file", partNotes, partImage)
+	}
+	req := firmware.AddRequest{Model: q.Get("model"), Version: q.Get("version")}
 	// Check the cheap things before reading a possibly large body.
 	if v := q.Get("counter"); v != "" {
 		n, err := strconv.ParseUint(v, 10, 64)
@@ -278,11 +285,11 @@ func (s *Server) addFirmware(w http.ResponseWriter, r *http.Request) error {
 	if _, err := protocol.ParseVersion(req.Version); err != nil {
 		return err
 	}
-	u, err := s.startUpload(w, r, "firmware image")
+	u, notes, err := s.firmwareBody(w, r)
 	if err != nil {
 		return err
 	}
-	req.Body = u
+	req.Notes, req.Body = notes, u
 	f, created, err := s.opts.Firmware.Add(r.Context(), req)
 	if err != nil {
 		return u.failed(err)
@@ -294,6 +301,86 @@ func (s *Server) addFirmware(w http.ResponseWriter, r *http.Request) error {
 	writeJSON(w, status, f)
 	return nil
 }
+
+// The parts of a multipart/form-data firmware upload, in this order.
+const (
+	partNotes = "notes" // optional: release notes, UTF-8, at most firmware.MaxNotesLen bytes
+	partImage = "image" // the image, streamed into the store; the last part
+	// multipartSlack bounds the boundaries and part headers around the notes and the image.
+	multipartSlack = 8 << 10
+)
+
+// firmwareBody returns the image of a firmware upload and the release notes sent before it:
+// the whole body when it is the raw image, or the parts of a multipart/form-data body. Notes
+// that break the rules are refused before the image is read.
+func (s *Server) firmwareBody(w http.ResponseWriter, r *http.Request) (*upload, string, error) {
+	mt, params, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if err != nil || mt != "multipart/form-data" {
+		u, err := s.startUpload(w, r, "firmware image", 0)
+		return u, "", err
+	}
+	body, err := s.startUpload(w, r, "firmware upload", firmware.MaxNotesLen+multipartSlack)
+	if err != nil {
+		return nil, "", err
+	}
+	mr := multipart.NewReader(body, params["boundary"])
+	var notes string
+	seenNotes := false
+	for {
+		p, err := mr.NextPart()
+		if errors.Is(err, io.EOF) {
+			return nil, "", errStatus(http.StatusBadRequest, "the multipart body has no %q part", partImage)
+		}
+		if err != nil {
+			return nil, "", body.failed(errStatus(http.StatusBadRequest, "bad multipart body: %v", err))
+		}
+		switch name := p.FormName(); {
+		case name == partNotes && !seenNotes:
+			b, err := io.ReadAll(io.LimitReader(p, firmware.MaxNotesLen+1))
+			if err != nil {
+				return nil, "", body.failed(errStatus(http.StatusBadRequest, "read the %q part: %v", partNotes, err))
+			}
+			if len(b) > firmware.MaxNotesLen {
+				return nil, "", fmt.Errorf("%w: over the limit of %d bytes (64 KiB)", firmware.ErrBadNotes, firmware.MaxNotesLen)
+			}
+			notes, seenNotes = string(b), true
+			if err := firmware.ValidNotes(notes); err != nil {
+				return nil, "", err
+			}
+		case name == partImage:
+			image := &lastPart{Reader: p, mr: mr}
+			u := &upload{limitReader: &limitReader{r: http.MaxBytesReader(w, image, s.opts.MaxUpload)}, what: "firmware image", limit: s.opts.MaxUpload}
+			return u, notes, nil
+		default:
+			return nil, "", errStatus(http.StatusBadRequest, "unexpected part %q: a firmware upload has a %q field and then the %q file", name, partNotes, partImage)
+		}
+	}
+}
+
+// lastPart is the image part of a multipart upload, which ends the body: it reports the end
+// of the image only once the body is seen to hold nothing after it, so that nothing sent is
+// silently ignored.
+type lastPart struct {
+	io.Reader
+	mr *multipart.Reader
+}
+
+func (l *lastPart) Read(b []byte) (int, error) {
+	n, err := l.Reader.Read(b)
+	if !errors.Is(err, io.EOF) {
+		return n, err
+	}
+	switch _, next := l.mr.NextPart(); {
+	case errors.Is(next, io.EOF):
+		return n, io.EOF
+	case next == nil:
+		return n, errStatus(http.StatusBadRequest, "the %q part must be the last of the body", partImage)
+	default:
+		return n, errStatus(http.StatusBadRequest, "bad multipart body: %v", next)
+	}
+}
+
+func (l *lastPart) Close() error { return nil }
 
 // decodeManifestHeader decodes the one Fota-Manifest header. Its signature is the store's to
 // check.
@@ -327,12 +414,13 @@ type upload struct {
 	limit int64
 }
 
-// startUpload checks a streamed body's declared length against MaxUpload before any of it is
-// read, gives the request the longer upload deadlines, and returns the body, limited to
-// MaxUpload. what names the file in messages.
-func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, what string) (*upload, error) {
-	if r.ContentLength > s.opts.MaxUpload {
-		return nil, errStatus(http.StatusRequestEntityTooLarge, "%s too large: %d bytes, the limit is %d", what, r.ContentLength, s.opts.MaxUpload)
+// startUpload checks a streamed body's declared length against MaxUpload plus extra (room for
+// what comes with the file) before any of it is read, gives the request the longer upload
+// deadlines, and returns the body, limited to that. what names the body in messages.
+func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, what string, extra int64) (*upload, error) {
+	limit := s.opts.MaxUpload + extra
+	if r.ContentLength > limit {
+		return nil, errStatus(http.StatusRequestEntityTooLarge, "%s too large: %d bytes, the limit is %d", what, r.ContentLength, limit)
 	}
 	if r.ContentLength == 0 {
 		return nil, errStatus(http.StatusBadRequest, "%s is empty", what)
@@ -346,7 +434,7 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, what string
 	if err := rc.SetWriteDeadline(deadline); err != nil {
 		return nil, fmt.Errorf("extend write deadline: %w", err)
 	}
-	return &upload{limitReader: &limitReader{r: http.MaxBytesReader(w, r.Body, s.opts.MaxUpload)}, what: what, limit: s.opts.MaxUpload}, nil
+	return &upload{limitReader: &limitReader{r: http.MaxBytesReader(w, r.Body, limit)}, what: what, limit: limit}, nil
 }
 
 // failed is the error to answer when the store refused the upload with err: a body cut at

@@ -5,10 +5,12 @@
 // Adding firmware is POST /api/v1/firmware with the raw image as the body
 // (application/octet-stream), streamed into the store, and everything else in the query and
 // one header, so that the server can refuse a request before the image is sent (the client
-// asks with "Expect: 100-continue"):
+// asks with "Expect: 100-continue"). Release notes, which can outgrow any header limit, go in
+// the body instead: a multipart/form-data body with a "notes" field (UTF-8, at most
+// firmware.MaxNotesLen bytes, refused with 400 otherwise) and then the "image" file, which
+// must be the last part. Notes in the query are refused.
 //
 //	model, version  the image's model and version; optional with a manifest, which names them
-//	notes           release notes
 //	counter         security counter; default: the manifest's, or one above the model's highest
 //	expires         RFC 3339 time after which devices refuse the manifest the server signs
 //	Fota-Manifest   header: base64 (standard, padded) of the JSON protocol.Manifest signed
@@ -22,8 +24,9 @@
 //
 // Adding a delta patch signed offline ('fota delta sign') is POST /api/v1/deltas with the
 // patch as the body and its signed delta manifest in the Fota-Manifest header; the manifest
-// must repeat the stored target's exactly, apart from its delta. GET /api/v1/deltas lists the
-// patches the server offers and the pairs it refused one.
+// must repeat the stored target's exactly, apart from its delta: a delta manifest belongs to
+// one release. GET /api/v1/deltas lists, per release, the patches the server offers and the
+// bases it refused one.
 //
 // DELETE /api/v1/firmware/{model}/{version} removes a record and its artifact (204), unless an
 // unfinished rollout targets it (409): cancel the rollout, or let it complete, first.

@@ -85,8 +85,8 @@ func (s *Store) AddDelta(ctx context.Context, m protocol.Manifest, body io.Reade
 		return Delta{}, false, fmt.Errorf("%s: %w", what, err)
 	}
 
-	rec := deltaRecord{Manifest: &m, Uploaded: true, Verified: verified}
-	key := pairKey(m.Delta.Base, m.SHA256)
+	rec := deltaRecord{Target: m.SHA256, Manifest: &m, Uploaded: true, Verified: verified}
+	key := deltaKey(m.Model, m.Version, m.Delta.Base)
 	// The target must still be the record checked above, in the transaction that stores the
 	// verdict: deleted and added again, it could carry another counter or expiry.
 	still := func(tx *bolt.Tx) (bool, error) {
@@ -108,14 +108,15 @@ func (s *Store) AddDelta(ctx context.Context, m protocol.Manifest, body io.Reade
 		s.log.Info("delta added", "model", m.Model, "version", m.Version, "base", short(m.Delta.Base),
 			"patch", m.Delta.PatchSize, "image", m.Size, "verified", verified)
 	}
-	var images map[string]Firmware
+	var images releases
 	if err := s.db.View(func(tx *bolt.Tx) (err error) {
-		images, err = imagesBySHA(tx)
+		images, err = readReleases(tx)
 		return err
 	}); err != nil {
 		return Delta{}, false, fmt.Errorf("%s: %w", what, err)
 	}
-	return deltaOf(key, rec, images), created, nil
+	d, _ = images.delta(m.Model, m.Version, m.Delta.Base, rec)
+	return d, created, nil
 }
 
 // checkDeltaManifest checks what can be checked of a delta manifest before its patch is read,
@@ -220,16 +221,20 @@ func (s *Store) Deltas() ([]Delta, error) {
 		if db == nil {
 			return nil // no Patcher has run on this database
 		}
-		images, err := imagesBySHA(tx)
+		images, err := readReleases(tx)
 		if err != nil {
 			return err
 		}
 		return db.ForEach(func(k, v []byte) error {
+			model, version, base, ok := parseDeltaKey(k)
+			if !ok {
+				return nil
+			}
 			var rec deltaRecord
 			if err := json.Unmarshal(v, &rec); err != nil {
-				return fmt.Errorf("decode delta verdict %s: %w", k, err)
+				return fmt.Errorf("decode delta verdict %q: %w", k, err)
 			}
-			if d := deltaOf(string(k), rec, images); d.Model != "" {
+			if d, ok := images.delta(model, version, base, rec); ok {
 				out = append(out, d)
 			}
 			return nil
@@ -242,27 +247,42 @@ func (s *Store) Deltas() ([]Delta, error) {
 	return out, nil
 }
 
-// deltaOf describes the verdict rec on the pair key, with images (by sha256) naming the
-// target and base. The Model is empty when the target is not among images.
-func deltaOf(key string, rec deltaRecord, images map[string]Firmware) Delta {
-	base, target, _ := bytes.Cut([]byte(key), []byte(":"))
-	d := Delta{Base: string(base), Target: string(target), Refused: rec.Refused}
-	if f, ok := images[d.Target]; ok {
-		d.Model, d.Version, d.Size = f.Model, f.Version, f.Size
+// releases are the firmware records, for describing delta verdicts.
+type releases []Firmware
+
+func readReleases(tx *bolt.Tx) (releases, error) {
+	b, err := bucket(tx)
+	if err != nil {
+		return nil, err
 	}
-	if f, ok := images[d.Base]; ok {
-		d.BaseVersion = f.Version
+	var out releases
+	err = allRecords(b, func(f Firmware) error {
+		out = append(out, f)
+		return nil
+	})
+	return out, err
+}
+
+// delta describes the verdict rec on the delta from base to (model, version). ok is false
+// when the store no longer holds that release with the verdict's image.
+func (rs releases) delta(model, version, base string, rec deltaRecord) (d Delta, ok bool) {
+	d = Delta{Base: base, Model: model, Version: version, Target: rec.Target, Refused: rec.Refused}
+	for _, f := range rs {
+		switch {
+		case f.Model == model && f.Version == version:
+			ok = f.SHA256 == rec.Target
+			d.Size = f.Size
+		case f.SHA256 == base && (d.BaseVersion == "" || f.Model == model):
+			// Of several records of the base image, the one of the same model names it.
+			d.BaseVersion = f.Version
+		}
 	}
 	if m := rec.Manifest; m != nil && m.Delta != nil {
-		if d.Model != "" {
-			// Two records can share an image; the manifest names the one signed for.
-			d.Model, d.Version = m.Model, m.Version
-		}
 		d.PatchSHA256, d.PatchSize = m.Delta.PatchSHA256, m.Delta.PatchSize
 		d.Uploaded = rec.Uploaded
 		d.Verified = !rec.Uploaded || rec.Verified
 	}
-	return d
+	return d, ok
 }
 
 // sortDeltas orders deltas by target model and semantic version, then by base.

@@ -16,6 +16,7 @@ import (
 	"io"
 	"os"
 	"time"
+	"unicode/utf8"
 
 	"github.com/fota-dev/fota/protocol"
 )
@@ -35,7 +36,24 @@ var (
 	ErrManifestMismatch = errors.New("manifest does not match the firmware")
 	// ErrClosed is returned by every method of a Store after Close.
 	ErrClosed = errors.New("firmware store closed")
+	// ErrBadNotes: release notes longer than MaxNotesLen, or not UTF-8 text.
+	ErrBadNotes = errors.New("bad release notes")
 )
+
+// MaxNotesLen is the longest release notes a record keeps, in bytes: room for a changelog,
+// while every listing of the store carries them.
+const MaxNotesLen = 64 << 10
+
+// ValidNotes reports whether notes can be kept with a release, wrapping ErrBadNotes.
+func ValidNotes(notes string) error {
+	switch {
+	case len(notes) > MaxNotesLen:
+		return fmt.Errorf("%w: %d bytes, the limit is %d (64 KiB)", ErrBadNotes, len(notes), MaxNotesLen)
+	case !utf8.ValidString(notes):
+		return fmt.Errorf("%w: not UTF-8 text", ErrBadNotes)
+	}
+	return nil
+}
 
 // MaxModelLen is the longest model name accepted, in bytes (protocol.ValidModel's limit).
 const MaxModelLen = protocol.MaxModelLen

@@ -18,20 +18,6 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// bucketDeltas caches what the Patcher decided for each (base, target) pair: a signed delta
-// manifest, or why no delta is offered. Key: base sha + ":" + target sha.
-var bucketDeltas = []byte("deltas")
-
-// deltaRecord is the Patcher's verdict for one pair.
-type deltaRecord struct {
-	Manifest *protocol.Manifest `json:"manifest,omitempty"` // signed, with Delta set
-	Refused  string             `json:"refused,omitempty"`  // why there is no delta
-	// Uploaded marks a patch signed offline and added with Store.AddDelta; Verified, that
-	// the store saw it rebuild the target (it always does for the ones it makes).
-	Uploaded bool `json:"uploaded,omitempty"`
-	Verified bool `json:"verified,omitempty"`
-}
-
 // PatcherOptions configure a Patcher. Store and DB are required, and DB must be the Store's:
 // a verdict is stored in the same transaction that checks its target is still there.
 type PatcherOptions struct {
@@ -143,13 +129,13 @@ func (p *Patcher) Close(ctx context.Context) error {
 	}
 }
 
-func pairKey(base, target string) string { return base + ":" + target }
-
-// Delta returns the signed manifest of a delta from the image with sha base to target: one
-// the Patcher made, or one signed offline and added with Store.AddDelta. ready is false while
-// the patch is being made (it has been queued); err says why no delta is offered for this
-// pair: the base is unknown here, the patch is not small enough, or manifests are signed
-// offline and none was added for the pair.
+// Delta returns the signed manifest of a delta from the image with sha base to the release
+// target (its full manifest): one the Patcher made, or one signed offline and added with
+// Store.AddDelta, and in either case signed for this very release, never for another that
+// shares its image. ready is false while the patch is being made (it has been queued); err
+// says why no delta is offered for this pair: the base is unknown here, the patch is not
+// small enough, or manifests are signed offline and none was added for this release, or the
+// one added was signed before the release was last re-signed.
 func (p *Patcher) Delta(base string, target protocol.Manifest) (m protocol.Manifest, ready bool, err error) {
 	base, ok := validSHA(base)
 	if !ok {
@@ -158,7 +144,7 @@ func (p *Patcher) Delta(base string, target protocol.Manifest) (m protocol.Manif
 	if base == target.SHA256 {
 		return m, false, errors.New("no delta: base is the target")
 	}
-	key := pairKey(base, target.SHA256)
+	key := deltaKey(target.Model, target.Version, base)
 	var rec deltaRecord
 	var found bool
 	err = p.opts.DB.View(func(tx *bolt.Tx) error {
@@ -172,13 +158,20 @@ func (p *Patcher) Delta(base string, target protocol.Manifest) (m protocol.Manif
 	if err != nil {
 		return m, false, fmt.Errorf("delta cache: %w", err)
 	}
-	if found {
-		if rec.Manifest == nil {
-			return m, false, errors.New("no delta: " + rec.Refused)
-		}
+	// A verdict on an earlier signing of the release (another expiry) is stale: the
+	// Patcher makes the delta again, which replaces it.
+	stale := found && (rec.Target != target.SHA256 || rec.Manifest != nil && !forRelease(*rec.Manifest, target))
+	switch {
+	case found && !stale && rec.Manifest == nil:
+		return m, false, errors.New("no delta: " + rec.Refused)
+	case found && !stale:
 		return *rec.Manifest, true, nil
 	}
 	if !p.opts.Store.CanSign() {
+		if stale {
+			return m, false, fmt.Errorf("no delta: the delta manifest added for %s %s was signed before the release was signed again; sign it again with 'fota delta sign' and add it with 'fota delta add'",
+				target.Model, target.Version)
+		}
 		return m, false, errors.New("no delta: manifests are signed offline; sign one with 'fota delta sign' and add it with 'fota delta add'")
 	}
 	if _, err := p.opts.Store.Path(base); err != nil {
@@ -200,7 +193,7 @@ func (p *Patcher) Delta(base string, target protocol.Manifest) (m protocol.Manif
 
 // make builds, verifies, stores and signs one patch, and records the verdict.
 func (p *Patcher) make(j patchJob) {
-	key := pairKey(j.base, j.target.SHA256)
+	key := deltaKey(j.target.Model, j.target.Version, j.base)
 	rec, u, err := p.build(j)
 	defer func() {
 		if rerr := u.remove(); rerr != nil {
@@ -214,14 +207,17 @@ func (p *Patcher) make(j patchJob) {
 		}
 		rec = deltaRecord{Refused: err.Error()}
 	}
+	rec.Target = j.target.SHA256
 	if p.beforeVerdict != nil {
 		p.beforeVerdict(j.base, j.target.SHA256)
 	}
-	target, _ := validSHA(j.target.SHA256)
 	stored, _, err := p.opts.Store.commitDelta(key, rec, u, func(tx *bolt.Tx) (bool, error) {
-		images, err := imagesBySHA(tx)
-		_, ok := images[target]
-		return ok, err
+		b, err := bucket(tx)
+		if err != nil {
+			return false, err
+		}
+		f, ok, err := getRecord(b, j.target.Model, j.target.Version)
+		return ok && f.SHA256 == j.target.SHA256, err
 	})
 	p.done(key)
 	switch {
@@ -229,12 +225,12 @@ func (p *Patcher) make(j patchJob) {
 		p.log.Error("store delta verdict", "err", err)
 		return
 	case !stored:
-		p.log.Info("target deleted while its delta was made: nothing kept", "base", short(j.base), "target", j.target.Version)
+		p.log.Info("target deleted while its delta was made: nothing kept", "base", short(j.base), "model", j.target.Model, "target", j.target.Version)
 		return
 	case rec.Manifest == nil:
-		p.log.Warn("no delta", "base", short(j.base), "target", j.target.Version, "reason", rec.Refused)
+		p.log.Warn("no delta", "base", short(j.base), "model", j.target.Model, "target", j.target.Version, "reason", rec.Refused)
 	default:
-		p.log.Info("delta ready", "base", short(j.base), "target", j.target.Version, "patch", rec.Manifest.Delta.PatchSize, "image", rec.Manifest.Size)
+		p.log.Info("delta ready", "base", short(j.base), "model", j.target.Model, "target", j.target.Version, "patch", rec.Manifest.Delta.PatchSize, "image", rec.Manifest.Size)
 	}
 	if p.opts.OnReady != nil {
 		p.opts.OnReady(j.base, j.target.SHA256)
@@ -301,26 +297,27 @@ func (p *Patcher) readArtifact(sha string) ([]byte, error) {
 	return os.ReadFile(path)
 }
 
-// A patch lives exactly as long as its target image: Store.Delete drops the verdicts on a
-// target with its last record, and their patches with them; deleting a base keeps its
-// patches, since devices still running that base can use them.
+// A patch lives as long as a release it leads to: Store.Delete drops the verdicts on a
+// release with its record, and their patches unless another verdict (of another release
+// sharing the image) or a firmware record names them; deleting a base keeps its patches,
+// since devices still running that base can use them.
 //
 // Locking. Every step that installs or removes an artifact file, or writes a record that
 // names one, runs under Store.commitMu: Add, Delete, commitDelta (for the Patcher and
 // AddDelta), sweepDeltas and Open's sweepUnnamed. A verdict is stored in the transaction that
-// checks a firmware record still names its target (AddDelta: still has the manifest the
-// upload repeats), and Delete
-// removes that record and the target's verdicts in one transaction, so either the verdict
-// commits first and Delete drops it, or Delete commits first and the verdict is not stored.
+// checks the release's firmware record still names its target (AddDelta: still has the
+// manifest the upload repeats), and Delete removes that record and the release's verdicts
+// in one transaction, so either the verdict commits first and Delete drops it, or Delete
+// commits first and the verdict is not stored.
 // Whether a patch is still named by a firmware record or another verdict is decided inside
 // the transaction that drops a verdict, and the file is removed after the commit but before
 // commitMu is released, so no record can start naming it, nor install's "already there"
 // shortcut rely on it, between the decision and the removal.
 
-// commitDelta stores the verdict rec on the pair key and installs its patch u (nil for a
+// commitDelta stores the verdict rec under key (a deltaKey) and installs its patch u (nil for a
 // refusal), provided still, run in the same transaction, reports that the target is still
 // there. stored is false when it is not: the target was deleted while the patch was being
-// made or uploaded, and then nothing is installed. created is false when the pair already had
+// made or uploaded, and then nothing is installed. created is false when the key already had
 // this very verdict. A patch the replaced verdict named, and no record names any more, is
 // removed.
 func (s *Store) commitDelta(key string, rec deltaRecord, u *upload, still func(*bolt.Tx) (bool, error)) (stored, created bool, err error) {
@@ -377,22 +374,29 @@ func (s *Store) commitDelta(key string, rec deltaRecord, u *upload, still func(*
 	return stored, created, nil
 }
 
-// sweepDeltas drops the verdicts whose target no firmware record names, a crash having left
-// them between Delete's steps or an older fota before patches were collected, and removes
-// the patches only they named. (Open has already removed every file no record names.) It
+// sweepDeltas drops the verdicts whose release no firmware record holds with their target
+// image, a crash having left them between Delete's steps or an older fota before patches
+// were collected, and removes the patches only they named. (Open has already removed every file no record names.) It
 // runs under commitMu.
 func (s *Store) sweepDeltas() (records, patches int, err error) {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
 	var unnamed []string
 	err = s.db.Update(func(tx *bolt.Tx) error {
-		images, err := imagesBySHA(tx)
+		b, err := bucket(tx)
 		if err != nil {
 			return err
 		}
-		records, unnamed, err = dropDeltas(tx, func(target string) bool {
-			_, ok := images[target]
-			return !ok
+		images := make(map[string]string) // by recordKey
+		if err := allRecords(b, func(f Firmware) error {
+			images[string(recordKey(f.Model, f.Version))] = f.SHA256
+			return nil
+		}); err != nil {
+			return err
+		}
+		records, unnamed, err = dropDeltas(tx, func(model, version, target string) bool {
+			sha, ok := images[string(recordKey(model, version))]
+			return !ok || sha != target
 		})
 		return err
 	})
@@ -404,54 +408,6 @@ func (s *Store) sweepDeltas() (records, patches int, err error) {
 		return records, patches, fmt.Errorf("sweep deltas: %w", err)
 	}
 	return records, patches, nil
-}
-
-// dropDeltas deletes the verdicts whose target sha gone reports, and returns how many it
-// deleted and the patches they named that no remaining record names.
-func dropDeltas(tx *bolt.Tx, gone func(target string) bool) (dropped int, unnamed []string, err error) {
-	b := tx.Bucket(bucketDeltas)
-	if b == nil {
-		return 0, nil, nil // no Patcher has run on this database
-	}
-	var keys [][]byte
-	patches := make(map[string]bool)
-	err = b.ForEach(func(k, v []byte) error {
-		_, t, ok := bytes.Cut(k, []byte(":"))
-		if !ok {
-			return nil
-		}
-		target, ok := validSHA(string(t))
-		if !ok || !gone(target) {
-			return nil
-		}
-		keys = append(keys, bytes.Clone(k))
-		if p := patchOf(v); p != "" {
-			patches[p] = true
-		}
-		return nil
-	})
-	if err != nil {
-		return 0, nil, err
-	}
-	// Deleted after the walk: bbolt does not allow changing a bucket inside its ForEach.
-	for _, k := range keys {
-		if err := b.Delete(k); err != nil {
-			return 0, nil, fmt.Errorf("delete delta verdict: %w", err)
-		}
-	}
-	if len(patches) == 0 {
-		return len(keys), nil, nil
-	}
-	named, err := namedSHAs(tx)
-	if err != nil {
-		return 0, nil, err
-	}
-	for p := range patches {
-		if !named[p] {
-			unnamed = append(unnamed, p)
-		}
-	}
-	return len(keys), unnamed, nil
 }
 
 // patchOf returns the patch sha a stored verdict names, or "" for a refusal. A verdict that

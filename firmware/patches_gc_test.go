@@ -117,7 +117,10 @@ func sameDelta(a, b protocol.Manifest) bool {
 	return a == b
 }
 
-func pair(base, target firmware.Firmware) string { return base.SHA256 + ":" + target.SHA256 }
+// pair is the key of the verdict on the delta from base to the release target.
+func pair(base, target firmware.Firmware) string {
+	return target.Model + "\x00" + target.Version + "\x00" + base.SHA256
+}
 
 // deltaKeys returns the keys of the Patcher's verdicts, sorted.
 func deltaKeys(t *testing.T, db *bbolt.DB) []string {
@@ -258,7 +261,7 @@ func TestPatchNamedElsewhereIsKept(t *testing.T) {
 		{"another verdict", func(t *testing.T, e *env, a, _ firmware.Firmware, ab protocol.Manifest) ([]string, func()) {
 			c := e.add(t, "primehub", "7.22.0", 0, v22)
 			// No real pair of images has the same patch: write the verdict directly.
-			v, err := json.Marshal(map[string]any{"manifest": ab})
+			v, err := json.Marshal(map[string]any{"target": c.SHA256, "manifest": ab})
 			if err != nil {
 				t.Fatal(err)
 			}

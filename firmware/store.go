@@ -60,8 +60,9 @@ type Store struct {
 	commitMu sync.Mutex
 }
 
-// Open prepares the directories and the buckets, and removes what a crash left behind: temp
-// files, and artifact files that no record names.
+// Open prepares the directories and the buckets, moves delta verdicts stored by an older fota
+// to their release (see migrateDeltas), and removes what a crash left behind: temp files, and
+// artifact files that no record names.
 func Open(opts Options) (*Store, error) {
 	switch {
 	case opts.Dir == "":
@@ -100,16 +101,23 @@ func Open(opts Options) (*Store, error) {
 	if err := s.cleanTmp(); err != nil {
 		return nil, fmt.Errorf("open firmware store: %w", err)
 	}
-	err := s.db.Update(func(tx *bbolt.Tx) error {
+	var moved, dropped int
+	err := s.db.Update(func(tx *bbolt.Tx) (err error) {
 		for _, name := range [][]byte{bucketName, bucketDeltas} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
-				return err
+				return fmt.Errorf("create buckets: %w", err)
 			}
+		}
+		if moved, dropped, err = migrateDeltas(tx); err != nil {
+			return fmt.Errorf("migrate delta verdicts: %w", err)
 		}
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("open firmware store: create buckets: %w", err)
+		return nil, fmt.Errorf("open firmware store: %w", err)
+	}
+	if moved > 0 || dropped > 0 {
+		s.log.Info("delta verdicts now kept per release", "moved", moved, "dropped", dropped)
 	}
 	if err := s.sweepUnnamed(); err != nil {
 		return nil, fmt.Errorf("open firmware store: %w", err)
@@ -272,11 +280,12 @@ type AddRequest struct {
 // stored one.
 //
 // An empty body fails with ErrEmpty, one above MaxSize with ErrTooLarge, a bad model with
-// ErrBadModel and a bad version with protocol.ErrBadVersion. Without the signing key and
-// without a manifest, or with an unsigned one, Add fails with ErrUnsigned; a manifest not
-// signed by the release key fails with ErrBadSignature, one that describes other firmware
-// with ErrManifestMismatch, an expiry already passed with ErrExpired. Those about the
-// manifest fail before the body is read. None of them leave anything behind.
+// ErrBadModel, a bad version with protocol.ErrBadVersion, notes above MaxNotesLen or not
+// UTF-8 with ErrBadNotes. Without the signing key and without a manifest, or with an unsigned
+// one, Add fails with ErrUnsigned; a manifest not signed by the release key fails with
+// ErrBadSignature, one that describes other firmware with ErrManifestMismatch, an expiry
+// already passed with ErrExpired. Those about the notes and the manifest fail before the body
+// is read. None of them leave anything behind.
 func (s *Store) Add(ctx context.Context, req AddRequest) (f Firmware, created bool, err error) {
 	if m := req.Manifest; m != nil {
 		req.Model = cmp.Or(req.Model, m.Model)
@@ -288,6 +297,9 @@ func (s *Store) Add(ctx context.Context, req AddRequest) (f Firmware, created bo
 	_, version, err := canonicalVersion(req.Version)
 	if err != nil {
 		return Firmware{}, false, fmt.Errorf("add firmware: %w", err)
+	}
+	if err := ValidNotes(req.Notes); err != nil {
+		return Firmware{}, false, fmt.Errorf("add firmware %s %s: %w", req.Model, version, err)
 	}
 	if s.isClosed() {
 		return Firmware{}, false, fmt.Errorf("add firmware: %w", ErrClosed)
@@ -612,11 +624,11 @@ func (s *Store) Latest(model string) (Firmware, error) {
 }
 
 // Delete removes the record of (model, version), and its artifact file unless another record
-// names the same sha256. With the last record of a sha256 go the Patcher's verdicts on deltas
-// to that image and the patch files they name, unless another record names the same file;
-// patches from the image, as a base, stay. If inUse is not nil and returns true for the
-// record, Delete fails with ErrInUse. inUse runs outside any transaction of the store, so it
-// may use the same DB; it must not call Add or Delete.
+// names the same sha256. With the record go the delta verdicts on that release and the patch
+// files they name, unless another record (such as a verdict of another release sharing the
+// image) names the same file; patches from the image, as a base, stay. If inUse is not nil
+// and returns true for the record, Delete fails with ErrInUse. inUse runs outside any
+// transaction of the store, so it may use the same DB; it must not call Add or Delete.
 func (s *Store) Delete(model, version string, inUse func(Firmware) bool) error {
 	if err := ValidModel(model); err != nil {
 		return fmt.Errorf("delete firmware: %w", err)
@@ -657,31 +669,26 @@ func (s *Store) Delete(model, version string, inUse func(Firmware) bool) error {
 		}); err != nil {
 			return err
 		}
-		if shared || !shaOK {
-			return nil
-		}
-		// In this transaction, so that a verdict being stored for this target either
-		// commits first and is dropped here, or finds the target gone (see commitDelta).
-		_, patches, err = dropDeltas(tx, func(target string) bool { return target == sha })
+		// In this transaction, so that a verdict being stored for this release either
+		// commits first and is dropped here, or finds the release gone (see commitDelta).
+		_, patches, err = dropDeltas(tx, func(m, v, _ string) bool { return m == model && v == canon })
 		return err
 	})
 	if err != nil {
 		return fmt.Errorf("delete firmware %s %s: %w", model, canon, err)
 	}
-	if shared {
-		s.log.Info("firmware deleted", "model", model, "version", canon, "sha256", f.SHA256, "artifact_kept", true, "patches_removed", 0)
-		return nil
-	}
-	if !shaOK {
+	if !shared && !shaOK {
 		return fmt.Errorf("delete firmware %s %s: record has bad sha256 %q", model, canon, f.SHA256)
 	}
-	err = s.removeArtifact(sha)
-	// Evict after removing: a ReadAt racing with us either opened the file before the removal
-	// (and its handle is dropped here) or finds it gone.
-	s.files.evict(sha)
+	if !shared {
+		err = s.removeArtifact(sha)
+		// Evict after removing: a ReadAt racing with us either opened the file before the
+		// removal (and its handle is dropped here) or finds it gone.
+		s.files.evict(sha)
+	}
 	// Still under commitMu: nothing can come to name these patches before they are gone.
 	removed, perr := s.removePatches(patches)
-	s.log.Info("firmware deleted", "model", model, "version", canon, "sha256", f.SHA256, "artifact_kept", false, "patches_removed", removed)
+	s.log.Info("firmware deleted", "model", model, "version", canon, "sha256", f.SHA256, "artifact_kept", shared, "patches_removed", removed)
 	if err = errors.Join(err, perr); err != nil {
 		return fmt.Errorf("delete firmware %s %s: %w", model, canon, err)
 	}
