@@ -27,7 +27,7 @@ func (h *hook) Provides(x byte) bool {
 	switch x {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
 		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnPublishDropped,
-		mqtt.OnPublish:
+		mqtt.OnPacketRead, mqtt.OnPacketEncode, mqtt.OnPublish:
 		return true
 	}
 	return false
@@ -97,6 +97,35 @@ func (h *hook) refusal(c *conn, pk packets.Packet) (cause, reason string) {
 		return causeConnect, "will topic not allowed"
 	}
 	return "", ""
+}
+
+// OnPacketRead accepts a retained will from an MQTT 3.1.1 client, as not retained. Mochi
+// refuses it because the broker keeps no retained messages, with MQTT 5's "retain not
+// supported" (0x9A), a code 3.1.1 does not have; and 3.1.1 has no way to say it. Nothing can
+// tell the difference: the will goes to the server's in-process subscriber as always, and no
+// device may subscribe to another's upstream topics, where a retained will would be read.
+func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Connect && pk.ProtocolVersion < 5 && pk.Connect.WillFlag {
+		pk.Connect.WillRetain = false
+	}
+	return pk, nil
+}
+
+// OnPacketEncode makes sure an MQTT 3.1.1 client never gets a CONNACK code only MQTT 5 has
+// (3.1.1 knows 0 to 5). Mochi answers a malformed CONNECT (a reserved flag set, a will QoS
+// of 3) with such a code; 3.1.1 says to close the connection without a CONNACK instead, so the
+// connection is closed and the write fails.
+func (h *hook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Connack && cl.Properties.ProtocolVersion < 5 &&
+		pk.ReasonCode > packets.Err3NotAuthorized.Code {
+		if c, ok := cl.Net.Conn.(*conn); ok {
+			if c.refusal == "" {
+				c.refusal = causeConnect
+			}
+			_ = c.Close()
+		}
+	}
+	return pk
 }
 
 // OnPublish holds each device to its MessageRate for status and event messages. Chunk

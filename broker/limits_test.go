@@ -416,6 +416,66 @@ func TestPendingFlood(t *testing.T) {
 	t.Logf("%d refusal log lines in %v", len(recs), elapsed.Round(time.Millisecond))
 }
 
+// TestRetainedWillOn311 checks that an MQTT 3.1.1 client never gets a CONNACK code only MQTT 5
+// has: a retained will is accepted as not retained, a malformed CONNECT is closed without a
+// CONNACK.
+func TestRetainedWillOn311(t *testing.T) {
+	f := newFixture(t, nil)
+	wills := make(chan string, 4)
+	if err := f.b.Subscribe(protocol.SuffixStatus, func(device string, payload []byte) {
+		wills <- device + " " + string(payload)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	status := protocol.Topic("dev-w", protocol.SuffixStatus)
+
+	for _, tt := range []struct {
+		name  string
+		flags byte
+	}{
+		{"reserved flag", 0x02 | 0x01},
+		{"retain without a will", 0x02 | 0x20},
+		{"will QoS 3", 0x02 | 0x04 | 0x18},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			rc := mustDial(t, f.addr, f.ca.DeviceTLS(t, "dev-w", "m"))
+			o := connectOpts{flags: tt.flags}
+			if tt.flags&0x04 != 0 {
+				o.will = &will{topic: status, payload: "x"}
+			}
+			code, err := rc.connect("dev-w", o)
+			if err == nil {
+				t.Fatalf("got CONNACK code %#x, want the connection closed without one (3.1.1 has codes 0-5)", code)
+			}
+		})
+	}
+	rc := mustDial(t, f.addr, f.ca.DeviceTLS(t, "dev-w", "m"))
+	code, err := rc.connect("dev-w", connectOpts{will: &will{topic: status, payload: "gone"}, willRetain: true})
+	if err != nil || code != 0 {
+		t.Fatalf("3.1.1 CONNECT with a retained will: got code %#x (%v), want 0", code, err)
+	}
+	// The will still works: the connection ends without DISCONNECT.
+	_ = rc.conn.Close()
+	select {
+	case got := <-wills:
+		if got != "dev-w gone" {
+			t.Fatalf("will: got %q, want %q", got, "dev-w gone")
+		}
+	case <-time.After(ioTimeout):
+		t.Fatal("will not delivered")
+	}
+
+	// In MQTT 5, which can say so, it is refused as the CONNACK announces: no retain.
+	rc5 := mustDial(t, f.addr, f.ca.DeviceTLS(t, "dev-w", "m"))
+	rc5.version = 5
+	if code, err := rc5.connect("dev-w", connectOpts{will: &will{topic: status, payload: "gone"}, willRetain: true}); err != nil || code != 0x9a {
+		t.Fatalf("5 CONNECT with a retained will: got code %#x (%v), want 0x9a", code, err)
+	}
+
+	ok := f.subscribed("dev-w")
+	f.roundTrip(ok, "dev-w")
+}
+
 // TestPanicLoggedOncePerInterval sends truncated MQTT 5 SUBSCRIBEs, each of which panics
 // Mochi's decoder, and checks that the log gets one stack, then counts.
 func TestPanicLoggedOncePerInterval(t *testing.T) {
