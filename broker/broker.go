@@ -104,11 +104,11 @@ type Options struct {
 	MaxPending, MaxPendingPerSource int
 	AcceptRate, AcceptRatePerSource int
 
-	// MessageRate and MessageBurst limit each device's status and event messages (chunk
-	// requests are paced by the chunk server, not here): a message over the limit is
-	// dropped (a QoS 1 one still acknowledged) and counted in Stats.Throttled, and
-	// MessageStrikes of them within 10 s disconnect the device. Zero means the default,
-	// -1 no limit.
+	// MessageRate (per second) and MessageBurst limit each device's status and event
+	// messages (chunk requests are paced by the chunk server, not here): a message over the
+	// limit is dropped (a QoS 1 one still acknowledged) and counted in Stats.Throttled, and
+	// MessageStrikes of them within 10 s disconnect the device. Zero means the default; -1
+	// means no limit, and for MessageBurst a burst of MessageRate.
 	MessageRate, MessageBurst, MessageStrikes int
 
 	// LogInterval is how often refusals, throttled messages and contained panics are
@@ -530,15 +530,19 @@ func (b *Broker) refuse(cause, remote string) {
 }
 
 // logLoop logs, every LogInterval and on Close, what was counted in aggregate: one line per
-// refusal cause, per panic location and per kind of throttling, with counts.
+// refusal cause, per panic location and per kind of throttling, with counts. It also sweeps
+// the per-source accept state.
 func (b *Broker) logLoop() {
 	defer close(b.logDone)
 	t := time.NewTicker(b.opts.LogInterval)
 	defer t.Stop()
+	sweep := time.NewTicker(time.Second)
+	defer sweep.Stop()
 	for {
 		select {
 		case <-t.C:
 			b.flushLog()
+		case <-sweep.C:
 			b.gate.sweep()
 		case <-b.stopLog:
 			b.flushLog()

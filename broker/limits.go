@@ -202,10 +202,11 @@ func (g *gate) admit(remote net.Addr) (*slot, string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	now := g.now()
-	s := g.sources[src]
-	if s == nil {
+	s, known := g.sources[src]
+	if !known {
+		// Kept only once admitted: sources that are only ever refused, however many, take
+		// no memory here.
 		s = &source{rate: newBucket(g.perSourceRate, g.perSourceRate, now)}
-		g.sources[src] = s
 	}
 	switch {
 	case g.maxPerSource > 0 && s.pending >= g.maxPerSource:
@@ -219,6 +220,9 @@ func (g *gate) admit(remote net.Addr) (*slot, string) {
 	}
 	s.pending++
 	g.pending++
+	if !known {
+		g.sources[src] = s
+	}
 	return &slot{g: g, src: src}, ""
 }
 
@@ -240,8 +244,8 @@ func (sl *slot) release() {
 	}
 }
 
-// sweep forgets sources with nothing pending and a full rate bucket, so the map holds only
-// sources seen within about a second.
+// sweep forgets sources with nothing pending and a full rate bucket. Run every second, it
+// keeps the map to the sources admitted within about a second, which the accept rate bounds.
 func (g *gate) sweep() {
 	g.mu.Lock()
 	defer g.mu.Unlock()

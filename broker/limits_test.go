@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -620,5 +621,53 @@ func TestDeviceMessageRate(t *testing.T) {
 	}
 	if len(recs) > 2 {
 		t.Errorf("got %d log lines, want 2", len(recs))
+	}
+}
+
+func TestGateSources(t *testing.T) {
+	now := time.Unix(1000, 0)
+	g := newGate(&Options{MaxPending: 3, MaxPendingPerSource: 1, AcceptRate: 100, AcceptRatePerSource: 10})
+	g.now = func() time.Time { return now }
+	addr := func(s string) net.Addr { return net.TCPAddrFromAddrPort(netip.MustParseAddrPort(s)) }
+
+	var slots []*slot
+	for _, tt := range []struct {
+		remote, want string
+	}{
+		{"10.0.0.1:1", ""},
+		{"10.0.0.1:2", causeSourcePending},
+		{"[2001:db8::1]:1", ""},
+		{"[2001:db8::2]:1", causeSourcePending}, // the same /64
+		{"[2001:db8:0:1::1]:1", ""},
+		{"10.0.0.2:1", causePending},
+		{"10.0.0.3:1", causePending},
+	} {
+		sl, cause := g.admit(addr(tt.remote))
+		if cause != tt.want {
+			t.Fatalf("%s: got cause %q, want %q", tt.remote, cause, tt.want)
+		}
+		if sl != nil {
+			slots = append(slots, sl)
+		}
+	}
+	// Refused sources are not kept.
+	if got := len(g.sources); got != 3 {
+		t.Fatalf("sources kept: got %d, want 3 (the admitted ones)", got)
+	}
+	for _, sl := range slots {
+		sl.release()
+		sl.release() // a second release does nothing
+	}
+	if got := g.pendingNow(); got != 0 {
+		t.Fatalf("pending after release: got %d, want 0", got)
+	}
+	g.sweep()
+	if got := len(g.sources); got != 3 {
+		t.Fatalf("sources swept before their buckets refilled: got %d left, want 3", got)
+	}
+	now = now.Add(time.Second)
+	g.sweep()
+	if got := len(g.sources); got != 0 {
+		t.Fatalf("sources after sweep: got %d, want 0", got)
 	}
 }
