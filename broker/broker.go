@@ -122,7 +122,7 @@ type Stats struct {
 	Sessions  uint64 // device sessions established
 	Sent      uint64 // messages written by Send
 	Dropped   uint64 // messages dropped because a device's outbound queue was full
-	Refused   uint64 // connections closed before a session: TLS failure, timeout, refused CONNECT
+	Refused   uint64 // connections closed before a session, for any cause in RefusedBy
 	Panics    uint64 // panics contained: in a connection, a Subscribe handler or a callback
 	Restored  uint64 // connected devices put back in Mochi's routing map after it lost them
 
