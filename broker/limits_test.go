@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -86,15 +87,24 @@ func mustDialFrom(t *testing.T, src, addr string) net.Conn {
 	return c
 }
 
-// stillOpen reports whether the server has not closed c: it must not be readable within a
-// short wait (a pending socket gets nothing until it speaks). A nil c was refused while it was
-// being dialled.
+// stillOpen reports whether the server has left c open: it must not be readable within a
+// short wait (a pending socket gets nothing until it speaks). A nil c was refused while it
+// was being dialled.
 func stillOpen(c net.Conn) bool {
 	if c == nil {
 		return false
 	}
 	closed, _ := closedWithin(c, 50*time.Millisecond)
 	return !closed
+}
+
+// refused reports whether the server closes c (nil: refused while dialled) within ioTimeout.
+func refused(c net.Conn) bool {
+	if c == nil {
+		return true
+	}
+	closed, _ := closedWithin(c, ioTimeout)
+	return closed
 }
 
 // dialOrRefused is mustDialFrom where the server may refuse the connection so soon that the
@@ -128,7 +138,7 @@ func TestPendingLimits(t *testing.T) {
 		flood = append(flood, mustDialFrom(t, "127.0.0.2", f.addr))
 	}
 	eventually(t, ioTimeout, "4 pending", func() bool { return f.b.Stats().Pending == 4 })
-	if c := dialOrRefused(t, "127.0.0.2", f.addr); stillOpen(c) {
+	if c := dialOrRefused(t, "127.0.0.2", f.addr); !refused(c) {
 		t.Fatal("5th pending socket from 127.0.0.2: still open, want closed (per-source cap 4)")
 	}
 	for _, c := range flood {
@@ -140,7 +150,7 @@ func TestPendingLimits(t *testing.T) {
 	// Another source fills the global cap.
 	flood = append(flood, mustDialFrom(t, "127.0.0.3", f.addr), mustDialFrom(t, "127.0.0.3", f.addr))
 	eventually(t, ioTimeout, "6 pending", func() bool { return f.b.Stats().Pending == 6 })
-	if c := dialOrRefused(t, "127.0.0.4", f.addr); stillOpen(c) {
+	if c := dialOrRefused(t, "127.0.0.4", f.addr); !refused(c) {
 		t.Fatal("7th pending socket: still open, want closed (global cap 6)")
 	}
 
@@ -244,21 +254,14 @@ func TestAcceptRate(t *testing.T) {
 			}
 			eventually(t, ioTimeout, "refusals counted", func() bool { return f.b.Stats().RefusedBy == tt.want })
 			for i, c := range conns {
-				if want := slicesContains(tt.wantOpenIndexes, i); stillOpen(c) != want {
-					t.Errorf("connection %d from %s: open %v, want %v", i, tt.srcs[i], !want, want)
+				if open := slices.Contains(tt.wantOpenIndexes, i); open && !stillOpen(c) {
+					t.Errorf("connection %d from %s: closed, want open", i, tt.srcs[i])
+				} else if !open && !refused(c) {
+					t.Errorf("connection %d from %s: open, want refused", i, tt.srcs[i])
 				}
 			}
 		})
 	}
-}
-
-func slicesContains(s []int, v int) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
 
 func TestConnectTimeoutCounted(t *testing.T) {
