@@ -57,6 +57,7 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	}
 	c.authed = true
 	c.slot.release()
+	c.slot = nil // not kept for the life of the connection
 
 	// Mochi sets the read deadline from this right after the hook.
 	opts := &h.b.opts
@@ -136,7 +137,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return pk, nil
 	}
 	c, ok := cl.Net.Conn.(*conn)
-	if !ok || c.throttle == nil {
+	if !ok || c.throttle.bucket.rate <= 0 {
 		return pk, nil
 	}
 	_, suffix, ok := protocol.ParseTopic(pk.TopicName)

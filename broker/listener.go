@@ -151,7 +151,7 @@ func (l *listener) handshake(raw net.Conn) *conn {
 		if burst <= 0 {
 			burst = r
 		}
-		c.throttle = &throttle{bucket: newBucket(float64(r), float64(burst), time.Now())}
+		c.throttle.bucket = newBucket(float64(r), float64(burst), time.Now())
 	}
 	state := tc.ConnectionState()
 	if len(state.PeerCertificates) == 0 {
@@ -274,7 +274,7 @@ type conn struct {
 	refusal  string       // the cause, once the hook refused CONNECT
 	client   *mqtt.Client // set once the session is being established
 	slot     *slot        // in the pending count until authenticated
-	throttle *throttle    // nil: no limit on this device's messages
+	throttle throttle     // this device's messages; a zero rate is no limit
 
 	throttledOut atomic.Bool // disconnected for MessageStrikes throttled messages
 
