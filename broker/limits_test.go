@@ -674,3 +674,20 @@ func TestGateSources(t *testing.T) {
 		t.Fatalf("sources after sweep: got %d, want 0", got)
 	}
 }
+
+func TestEffectivePendingCap(t *testing.T) {
+	for _, tt := range []struct {
+		asked  int
+		nofile uint64
+		want   int
+	}{
+		{8192, 1 << 20, 8192},
+		{8192, 4096, 2048}, // half the descriptors stay for devices
+		{8192, 0, 8192},    // limit unknown
+		{8192, 1, 1},
+	} {
+		if got := effectivePendingCap(tt.asked, tt.nofile); got != tt.want {
+			t.Errorf("effectivePendingCap(%d, %d): got %d, want %d", tt.asked, tt.nofile, got, tt.want)
+		}
+	}
+}
