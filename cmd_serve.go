@@ -19,8 +19,18 @@ func runServe(args []string, stdout io.Writer) error {
 	apiAddr := fs.String("api", "127.0.0.1:8080", "admin HTTPS API listen address")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	deviceRate := fs.Int64("device-rate", 0, "bytes per second of chunks served to one device at most (0: no cap)")
+	maxPending := fs.Int("max-pending", 0, "connections not yet authenticated (TLS handshake and CONNECT) at most, from all sources (0: default 8192, -1: no cap)")
+	maxPendingSrc := fs.Int("max-pending-per-source", 0, "the same from one source address, an IPv6 /64 (0: default 1024, -1: no cap)")
+	acceptRate := fs.Int("accept-rate", 0, "connections accepted per second at most (0: default 5000, -1: no cap)")
+	acceptRateSrc := fs.Int("accept-rate-per-source", 0, "the same from one source address, an IPv6 /64 (0: default 2000, -1: no cap)")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
+	}
+	for name, v := range map[string]int{"max-pending": *maxPending, "max-pending-per-source": *maxPendingSrc,
+		"accept-rate": *acceptRate, "accept-rate-per-source": *acceptRateSrc} {
+		if v < -1 {
+			return usagef("serve: --%s must be a positive number, 0 (default) or -1 (no cap)", name)
+		}
 	}
 	if *data == "" {
 		return usagef("serve: --data is required")
@@ -42,6 +52,8 @@ func runServe(args []string, stdout io.Writer) error {
 	srv, err := startServer(serverConfig{
 		DataDir: *data, CertsDir: *certsDir, MQTTAddr: *mqttAddr, APIAddr: *apiAddr, Logger: logger,
 		DeviceRate: *deviceRate,
+		Limits: connLimits{MaxPending: *maxPending, MaxPendingPerSource: *maxPendingSrc,
+			AcceptRate: *acceptRate, AcceptRatePerSource: *acceptRateSrc},
 	})
 	if err != nil {
 		return err

@@ -29,6 +29,13 @@ type serverConfig struct {
 	Logger   *slog.Logger
 	// DeviceRate caps the chunk bytes per second served to one device; 0: no cap.
 	DeviceRate int64
+	// Limits on the MQTT listener's unauthenticated connections; zero values: the defaults.
+	Limits connLimits
+}
+
+// connLimits are the broker's connection limits (see broker.Options): 0 default, -1 none.
+type connLimits struct {
+	MaxPending, MaxPendingPerSource, AcceptRate, AcceptRatePerSource int
 }
 
 // server is the broker, controller and admin API wired together over one state file.
@@ -116,6 +123,8 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	var ctrl *controller.Controller
 	s.broker, err = broker.New(broker.Options{
 		Addr: cfg.MQTTAddr, TLS: serverTLS, Logger: log,
+		MaxPending: cfg.Limits.MaxPending, MaxPendingPerSource: cfg.Limits.MaxPendingPerSource,
+		AcceptRate: cfg.Limits.AcceptRate, AcceptRatePerSource: cfg.Limits.AcceptRatePerSource,
 		OnConnect:    func(id, model string) { ctrl.DeviceConnected(id, model) },
 		OnDisconnect: func(id string) { ctrl.DeviceDisconnected(id) },
 	})

@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -93,6 +95,25 @@ type Options struct {
 	// old connection is noticed gets a second OnConnect without an OnDisconnect in between.
 	OnConnect    func(id, model string)
 	OnDisconnect func(id string)
+
+	// Limits on connections that are not yet authenticated ("pending": from accept until
+	// CONNECT is accepted), against floods of sockets that never finish a handshake. A
+	// connection over a limit is closed at once and counted in Stats.RefusedBy. MaxPending
+	// is further held to half the process's descriptor limit. Zero means the default, -1 no
+	// limit; rates are per second, with a burst of one second's worth.
+	MaxPending, MaxPendingPerSource int
+	AcceptRate, AcceptRatePerSource int
+
+	// MessageRate (per second) and MessageBurst limit each device's status and event
+	// messages (chunk requests are paced by the chunk server, not here): a message over the
+	// limit is dropped (a QoS 1 one still acknowledged) and counted in Stats.Throttled, and
+	// MessageStrikes of them within 10 s disconnect the device. Zero means the default; -1
+	// means no limit, and for MessageBurst a burst of MessageRate.
+	MessageRate, MessageBurst, MessageStrikes int
+
+	// LogInterval is how often refusals, throttled messages and contained panics are
+	// logged, one line per cause with a count.
+	LogInterval time.Duration
 }
 
 // Stats are counters since New.
@@ -101,9 +122,15 @@ type Stats struct {
 	Sessions  uint64 // device sessions established
 	Sent      uint64 // messages written by Send
 	Dropped   uint64 // messages dropped because a device's outbound queue was full
-	Refused   uint64 // connections closed before a session: TLS failure, timeout, refused CONNECT
+	Refused   uint64 // connections closed before a session, for any cause in RefusedBy
 	Panics    uint64 // panics contained: in a connection, a Subscribe handler or a callback
 	Restored  uint64 // connected devices put back in Mochi's routing map after it lost them
+
+	RefusedBy RefusedBy // Refused by cause
+	Pending   int       // connections accepted and not yet authenticated, now
+
+	Throttled    uint64 // status and event messages dropped over a device's MessageRate
+	ThrottledOut uint64 // devices disconnected for MessageStrikes throttled messages
 }
 
 // Broker is fota's MQTT broker. Its methods are safe for concurrent use.
@@ -133,6 +160,16 @@ type Broker struct {
 	beforeConnack atomic.Pointer[func(c *conn)]
 
 	sessions, sent, dropped, refused, panics, restored atomic.Uint64
+	throttled, throttledOut                            atomic.Uint64
+
+	gate      *gate
+	refusedMu sync.Mutex
+	refusedBy RefusedBy
+
+	// Logged in aggregate by logLoop.
+	refusals, panicSites, throttles tally
+	stopLog                         chan struct{}
+	logDone                         chan struct{}
 }
 
 // session is the newest connection of a device. announced is whether OnConnect was queued
@@ -175,6 +212,25 @@ func New(opts Options) (*Broker, error) {
 	if opts.WriteTimeout <= 0 {
 		opts.WriteTimeout = DefaultWriteTimeout
 	}
+	for _, l := range []struct {
+		v   *int
+		def int
+	}{
+		{&opts.MaxPending, DefaultMaxPending}, {&opts.MaxPendingPerSource, DefaultMaxPendingPerSource},
+		{&opts.AcceptRate, DefaultAcceptRate}, {&opts.AcceptRatePerSource, DefaultAcceptRatePerSource},
+		{&opts.MessageRate, DefaultMessageRate}, {&opts.MessageBurst, DefaultMessageBurst},
+		{&opts.MessageStrikes, DefaultMessageStrikes},
+	} {
+		switch {
+		case *l.v == 0:
+			*l.v = l.def
+		case *l.v < -1:
+			return nil, fmt.Errorf("%w: limit %d: want a positive number, 0 (default) or -1 (none)", ErrBadOptions, *l.v)
+		}
+	}
+	if opts.LogInterval <= 0 {
+		opts.LogInterval = DefaultLogInterval
+	}
 
 	b := &Broker{
 		opts: opts,
@@ -182,6 +238,16 @@ func New(opts Options) (*Broker, error) {
 		tls:  opts.TLS.Clone(),
 		log:  opts.Logger.With("component", "broker"),
 		live: make(map[string]*session),
+		gate: newGate(&opts),
+	}
+	if verify := b.tls.VerifyConnection; verify != nil {
+		// Marked, so that a refusal can be counted as a revocation rather than any TLS failure.
+		b.tls.VerifyConnection = func(cs tls.ConnectionState) error {
+			if err := verify(cs); err != nil {
+				return certRefused{err}
+			}
+			return nil
+		}
 	}
 	b.events.init(b, opts.OnConnect, opts.OnDisconnect)
 	b.sendBufs.New = newSendBuf
@@ -240,6 +306,8 @@ func (b *Broker) start() error {
 	}
 	b.lst = lst
 	b.events.start()
+	b.stopLog, b.logDone = make(chan struct{}), make(chan struct{})
+	go b.logLoop()
 	b.log.Info("listening", "addr", ln.Addr().String())
 	return nil
 }
@@ -361,6 +429,9 @@ func (b *Broker) Stats() Stats {
 		}
 	}
 	b.mu.Unlock()
+	b.refusedMu.Lock()
+	refusedBy := b.refusedBy
+	b.refusedMu.Unlock()
 	return Stats{
 		Connected: n,
 		Sessions:  b.sessions.Load(),
@@ -369,6 +440,11 @@ func (b *Broker) Stats() Stats {
 		Dropped:   b.dropped.Load(),
 		Refused:   b.refused.Load(),
 		Panics:    b.panics.Load(),
+		RefusedBy: refusedBy,
+		Pending:   b.gate.pendingNow(),
+
+		Throttled:    b.throttled.Load(),
+		ThrottledOut: b.throttledOut.Load(),
 	}
 }
 
@@ -389,6 +465,10 @@ func (b *Broker) Close(ctx context.Context) error {
 			b.closeErr = fmt.Errorf("close broker: %w", ctx.Err())
 			return
 		}
+		if b.stopLog != nil {
+			close(b.stopLog)
+			<-b.logDone
+		}
 		if err := b.events.stop(ctx); err != nil {
 			b.closeErr = fmt.Errorf("close broker: %w", err)
 		}
@@ -396,12 +476,92 @@ func (b *Broker) Close(ctx context.Context) error {
 	return b.closeErr
 }
 
-// recoverPanic, deferred, turns a panic into a log line and a count.
+// recoverPanic, deferred, turns a panic into a count and a log line (see contained).
 func (b *Broker) recoverPanic(where string, args ...any) {
 	if r := recover(); r != nil {
-		b.panics.Add(1)
-		b.log.Error("panic contained", append([]any{"in", where, "panic", r}, args...)...)
+		b.contained(r, append([]any{"in", where}, args...)...)
 	}
+}
+
+// contained counts a recovered panic r, called from the deferred function that recovered it.
+// Anyone who can send a malformed packet can cause one, so only the first of each location in
+// a LogInterval is logged with its stack; logLoop logs how many there were.
+func (b *Broker) contained(r any, args ...any) {
+	b.panics.Add(1)
+	site := panicSite()
+	if b.panicSites.add(site, fmt.Sprint(r)) {
+		b.log.Error("panic contained", append(args, "panic", r, "at", site,
+			"note", "further panics here are counted, not logged, until the next summary", "stack", string(debug.Stack()))...)
+	}
+}
+
+// panicSite names the function and line that panicked, from inside a deferred recover.
+func panicSite() string {
+	var pcs [32]uintptr
+	frames := runtime.CallersFrames(pcs[:runtime.Callers(2, pcs[:])])
+	inPanic := false
+	for {
+		f, more := frames.Next()
+		switch {
+		case f.Function == "runtime.gopanic":
+			inPanic = true
+		case inPanic && !strings.HasPrefix(f.Function, "runtime."):
+			return fmt.Sprintf("%s:%d", f.Function, f.Line)
+		}
+		if !more {
+			return "unknown"
+		}
+	}
+}
+
+// certRefused marks an error of the TLS config's VerifyConnection: a revoked certificate.
+type certRefused struct{ err error }
+
+func (e certRefused) Error() string { return e.err.Error() }
+func (e certRefused) Unwrap() error { return e.err }
+
+// refuse counts a connection closed before a session, by cause, for logLoop to log.
+func (b *Broker) refuse(cause, remote string) {
+	b.refused.Add(1)
+	b.refusedMu.Lock()
+	b.refusedBy.add(cause)
+	b.refusedMu.Unlock()
+	b.refusals.add(cause, remote)
+}
+
+// logLoop logs, every LogInterval and on Close, what was counted in aggregate: one line per
+// refusal cause, per panic location and per kind of throttling, with counts. It also sweeps
+// the per-source accept state.
+func (b *Broker) logLoop() {
+	defer close(b.logDone)
+	t := time.NewTicker(b.opts.LogInterval)
+	defer t.Stop()
+	sweep := time.NewTicker(time.Second)
+	defer sweep.Stop()
+	for {
+		select {
+		case <-t.C:
+			b.flushLog()
+		case <-sweep.C:
+			b.gate.sweep()
+		case <-b.stopLog:
+			b.flushLog()
+			return
+		}
+	}
+}
+
+func (b *Broker) flushLog() {
+	every := b.opts.LogInterval
+	b.refusals.flush(func(cause string, n uint64, remote string) {
+		b.log.Info("connections refused", "cause", cause, "count", n, "last_remote", remote, "every", every)
+	})
+	b.panicSites.flush(func(site string, n uint64, last string) {
+		b.log.Warn("panics contained", "at", site, "count", n, "last_panic", last, "every", every)
+	})
+	b.throttles.flush(func(what string, n uint64, device string) {
+		b.log.Warn("device messages over rate", "action", what, "count", n, "last_device", device, "every", every)
+	})
 }
 
 // established records c as device id's newest connection, before Mochi takes over any older

@@ -3,6 +3,7 @@ package broker
 import (
 	"fmt"
 	"strings"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -25,7 +26,8 @@ func (h *hook) ID() string { return "fota-auth" }
 func (h *hook) Provides(x byte) bool {
 	switch x {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
-		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnPublishDropped:
+		mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnPublishDropped,
+		mqtt.OnPacketRead, mqtt.OnPacketEncode, mqtt.OnPublish:
 		return true
 	}
 	return false
@@ -40,9 +42,11 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if !ok {
 		return packets.ErrNotAuthorized // not from our listener; cannot happen
 	}
-	if reason := h.refusal(c, pk); reason != "" {
-		c.refusalLogged = true
-		h.b.log.Info("connect refused", "reason", reason, "client_id", clip(pk.Connect.ClientIdentifier),
+	if cause, reason := h.refusal(c, pk); reason != "" {
+		// Counted and logged in aggregate by finish; one line per attempt would let a
+		// device with a valid certificate flood the log.
+		c.refusal = cause
+		h.b.log.Debug("connect refused", "reason", reason, "client_id", clip(pk.Connect.ClientIdentifier),
 			"device", c.id, "remote", c.RemoteAddr().String())
 		code := packets.ErrNotAuthorized
 		if cl.Properties.ProtocolVersion < 5 {
@@ -52,6 +56,8 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		return code
 	}
 	c.authed = true
+	c.slot.release()
+	c.slot = nil // not kept for the life of the connection
 
 	// Mochi sets the read deadline from this right after the hook.
 	opts := &h.b.opts
@@ -67,30 +73,95 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	return nil
 }
 
-// refusal says why c may not connect with pk, or "" if it may.
-func (h *hook) refusal(c *conn, pk packets.Packet) string {
+// refusal says why c may not connect with pk, with the cause it is counted under, or "" if
+// it may.
+func (h *hook) refusal(c *conn, pk packets.Packet) (cause, reason string) {
 	if c.idErr != nil {
-		return fmt.Sprintf("not a device certificate: %v", c.idErr)
+		return causeIdentity, fmt.Sprintf("not a device certificate: %v", c.idErr)
 	}
 	// Again, for a device revoked between its handshake and its CONNECT.
 	if verify := h.b.tls.VerifyConnection; verify != nil {
 		if err := verify(c.ConnectionState()); err != nil {
-			return fmt.Sprintf("certificate refused: %v", err)
+			return causeRevoked, fmt.Sprintf("certificate refused: %v", err)
 		}
 	}
 	if c.id == mqtt.InlineClientId {
 		// Mochi keeps its in-process client under this id; a device by that name would take
 		// over its session.
-		return "device id reserved by the broker"
+		return causeIdentity, "device id reserved by the broker"
 	}
 	if pk.Connect.ClientIdentifier != c.id {
-		return "client id is not the certificate's device id"
+		return causeConnect, "client id is not the certificate's device id"
 	}
 	// Mochi publishes a will without an ACL check, so it is checked here as a publish.
 	if pk.Connect.WillFlag && !allowed(c.id, pk.Connect.WillTopic, true) {
-		return "will topic not allowed"
+		return causeConnect, "will topic not allowed"
 	}
-	return ""
+	return "", ""
+}
+
+// OnPacketRead accepts a retained will from an MQTT 3.1.1 client, as not retained. Mochi
+// refuses it because the broker keeps no retained messages, with MQTT 5's "retain not
+// supported" (0x9A), a code 3.1.1 does not have; and 3.1.1 has no way to say it. Nothing can
+// tell the difference: the will goes to the server's in-process subscriber as always, and no
+// device may subscribe to another's upstream topics, where a retained will would be read.
+func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Connect && pk.ProtocolVersion < 5 && pk.Connect.WillFlag {
+		pk.Connect.WillRetain = false
+	}
+	return pk, nil
+}
+
+// OnPacketEncode makes sure an MQTT 3.1.1 client never gets a CONNACK code only MQTT 5 has
+// (3.1.1 knows 0 to 5). Mochi answers a malformed CONNECT (a reserved flag set, a will QoS
+// of 3) with such a code; 3.1.1 says to close the connection without a CONNACK instead, so the
+// connection is closed and the write fails.
+func (h *hook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Connack && cl.Properties.ProtocolVersion < 5 &&
+		pk.ReasonCode > packets.Err3NotAuthorized.Code {
+		if c, ok := cl.Net.Conn.(*conn); ok {
+			if c.refusal == "" {
+				c.refusal = causeConnect
+			}
+			_ = c.Close()
+		}
+	}
+	return pk
+}
+
+// OnPublish holds each device to its MessageRate for status and event messages. Chunk
+// requests are exempt: the chunk server paces them, and a device asks again after a timeout
+// for what it did not get.
+func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil
+	}
+	c, ok := cl.Net.Conn.(*conn)
+	if !ok || c.throttle.bucket.rate <= 0 {
+		return pk, nil
+	}
+	_, suffix, ok := protocol.ParseTopic(pk.TopicName)
+	if !ok || (suffix != protocol.SuffixStatus && suffix != protocol.SuffixEvent) {
+		return pk, nil
+	}
+	pass, abuse := c.throttle.allow(time.Now(), h.b.opts.MessageStrikes)
+	if pass {
+		return pk, nil
+	}
+	b := h.b
+	b.throttled.Add(1)
+	b.throttles.add("dropped", c.id)
+	if abuse {
+		// Once: later messages of the closing connection are dropped without a count here.
+		if c.throttledOut.CompareAndSwap(false, true) {
+			b.throttledOut.Add(1)
+			b.throttles.add("disconnected", c.id)
+			_ = c.Close()
+		}
+	}
+	// Ignored rather than rejected: a QoS 1 message is still acknowledged, so the device
+	// does not send it again, and is delivered to no one.
+	return pk, packets.CodeSuccessIgnore
 }
 
 func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {

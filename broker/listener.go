@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -74,18 +74,25 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 			continue
 		}
 		backoff = 5 * time.Millisecond
+		sl, cause := l.b.gate.admit(raw.RemoteAddr())
+		if sl == nil {
+			l.b.refuse(cause, raw.RemoteAddr().String())
+			drop(raw)
+			continue
+		}
 		// One deadline for the handshake and the CONNECT packet together.
 		_ = raw.SetDeadline(time.Now().Add(l.b.opts.ConnectTimeout))
 		l.mu.Lock()
 		if l.closed {
 			l.mu.Unlock()
+			sl.release()
 			_ = raw.Close()
 			return
 		}
 		l.conns[raw] = struct{}{}
 		l.wg.Add(1)
 		l.mu.Unlock()
-		go l.handle(raw, establish)
+		go l.handle(raw, sl, establish)
 	}
 }
 
@@ -97,10 +104,11 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 // device's goroutine uses 6.5 KiB, 4.7 KiB of it Mochi's frames, so it settles at 16 KiB,
 // and 7.2 KiB with the handshake's locals in this frame, which left it 170 bytes short of
 // staying at 32 KiB. So the handshake has a function, and a frame, of its own.
-func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
+func (l *listener) handle(raw net.Conn, sl *slot, establish listeners.EstablishFn) {
 	defer l.wg.Done()
 	defer l.forget(raw)
 	defer raw.Close()
+	defer sl.release() // if authentication did not
 	// Mochi's part has its own recover (establish), and so has handshake.
 	defer l.b.recoverPanic("connection")
 
@@ -108,6 +116,7 @@ func (l *listener) handle(raw net.Conn, establish listeners.EstablishFn) {
 	if c == nil {
 		return
 	}
+	c.slot = sl
 	defer close(c.ended)
 	err := l.establish(c, establish)
 	l.finish(c, err)
@@ -122,7 +131,14 @@ func (l *listener) handshake(raw net.Conn) *conn {
 
 	tc := tls.Server(raw, b.tls)
 	if err := tc.Handshake(); err != nil {
-		b.refused.Add(1)
+		cause := causeTLS
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			cause = causeTimeout
+		} else if errors.As(err, new(certRefused)) {
+			cause = causeRevoked
+		}
+		b.refuse(cause, remote)
 		b.log.Debug("tls handshake failed", "remote", remote, "error", err)
 		return nil
 	}
@@ -130,6 +146,13 @@ func (l *listener) handshake(raw net.Conn) *conn {
 	_ = raw.SetWriteDeadline(time.Time{})
 
 	c := &conn{Conn: tc, raw: raw, writeTimeout: b.opts.WriteTimeout, ended: make(chan struct{})}
+	if r := b.opts.MessageRate; r > 0 {
+		burst := b.opts.MessageBurst
+		if burst <= 0 {
+			burst = r
+		}
+		c.throttle.bucket = newBucket(float64(r), float64(burst), time.Now())
+	}
 	state := tc.ConnectionState()
 	if len(state.PeerCertificates) == 0 {
 		c.idErr = errors.New("no client certificate")
@@ -147,10 +170,25 @@ func (l *listener) finish(c *conn, err error) {
 		b.log.Debug("device disconnected", "device", c.id, "remote", c.RemoteAddr().String(), "error", err)
 		return
 	}
-	b.refused.Add(1)
-	if !c.refusalLogged {
+	cause := c.refusal
+	if cause == "" {
+		cause = causeConnect
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			cause = causeTimeout
+		}
 		b.log.Debug("connection refused", "remote", c.RemoteAddr().String(), "error", err)
 	}
+	b.refuse(cause, c.RemoteAddr().String())
+}
+
+// drop closes a socket refused at accept, with a reset rather than a FIN, so that the server
+// keeps no TIME_WAIT state for it.
+func drop(raw net.Conn) {
+	if tc, ok := raw.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = raw.Close()
 }
 
 // forget drops raw from the connections Close must close.
@@ -169,9 +207,7 @@ func (l *listener) establish(c *conn, establish listeners.EstablishFn) (err erro
 			return
 		}
 		b := l.b
-		b.panics.Add(1)
-		b.log.Error("panic contained, connection closed", "device", c.id, "remote", c.RemoteAddr().String(),
-			"panic", r, "stack", string(debug.Stack()))
+		b.contained(r, "in", "connection", "device", c.id, "remote", c.RemoteAddr().String())
 		err = fmt.Errorf("panic: %v", r)
 		_ = c.Close()
 		// Mochi's own cleanup after the read loop did not run; do it, so nothing is routed
@@ -234,9 +270,13 @@ type conn struct {
 	idErr     error // the peer certificate is not a device's
 
 	// Set and read on the connection's own goroutine (Mochi's hooks for it run there).
-	authed        bool
-	refusalLogged bool
-	client        *mqtt.Client // set once the session is being established
+	authed   bool
+	refusal  string       // the cause, once the hook refused CONNECT
+	client   *mqtt.Client // set once the session is being established
+	slot     *slot        // in the pending count until authenticated
+	throttle throttle     // this device's messages; a zero rate is no limit
+
+	throttledOut atomic.Bool // disconnected for MessageStrikes throttled messages
 
 	ended chan struct{} // closed when the connection and Mochi's cleanup of it are over
 }

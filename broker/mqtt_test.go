@@ -86,15 +86,23 @@ func packet(typeFlags byte, body []byte) []byte {
 type will struct{ topic, payload string }
 
 type connectOpts struct {
-	keepalive uint16
-	will      *will
-	version   byte // for the table in TestConnect; 0 means the client's
+	keepalive  uint16
+	will       *will
+	willRetain bool
+	flags      byte // the CONNECT flags as they are, if not 0
+	version    byte // for the table in TestConnect; 0 means the client's
 }
 
 func connectPacket(version byte, id string, o connectOpts) []byte {
 	flags := byte(0x02) // clean session
 	if o.will != nil {
 		flags |= 0x04
+	}
+	if o.willRetain {
+		flags |= 0x20
+	}
+	if o.flags != 0 {
+		flags = o.flags
 	}
 	b := mqttString(nil, "MQTT")
 	b = append(b, version, flags)

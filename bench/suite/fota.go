@@ -34,7 +34,9 @@ func startFota(ctx context.Context, bin, dir string) (*fotaServer, error) {
 		return nil, err
 	}
 	p, err := startProc("serve", dir, nil, bin, "serve", "--data", s.data, "--certs", s.certs,
-		"--mqtt", "127.0.0.1:0", "--api", "127.0.0.1:0", "--log-level", "warn")
+		"--mqtt", "127.0.0.1:0", "--api", "127.0.0.1:0", "--log-level", "warn",
+		// Every simulated device connects from loopback, as no real fleet does.
+		"--max-pending", "-1", "--max-pending-per-source", "-1", "--accept-rate", "-1", "--accept-rate-per-source", "-1")
 	if err != nil {
 		return nil, err
 	}
