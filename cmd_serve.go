@@ -18,7 +18,7 @@ func runServe(args []string, stdout io.Writer) error {
 	mqttAddr := fs.String("mqtt", ":8883", "MQTT-over-TLS listen address")
 	apiAddr := fs.String("api", "127.0.0.1:8080", "admin HTTPS API listen address")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
-	deviceRate := fs.Int64("device-rate", 0, "bytes per second of chunks served to one device at most (0: no cap)")
+	deviceRate := fs.Int64("device-rate", 0, "frame bytes per second served to one device at most, after a burst of one 64 KiB frame; see PROTOCOL.md, Rate cap (0: no cap)")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
