@@ -200,8 +200,11 @@ func validState(s string, idle bool) bool {
 	return false
 }
 
+// reasons are the failure reasons of PROTOCOL.md's table, in its order.
+var reasons = []string{ReasonBadManifest, ReasonHashMismatch, ReasonPatchApply, ReasonSize, ReasonTransfer, ReasonInstall}
+
 func knownReason(s string) bool {
-	for _, r := range []string{ReasonBadManifest, ReasonHashMismatch, ReasonSize, ReasonTransfer, ReasonInstall} {
+	for _, r := range reasons {
 		if s == r || strings.HasPrefix(s, r+": ") {
 			return true
 		}
