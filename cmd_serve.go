@@ -18,7 +18,7 @@ func runServe(args []string, stdout io.Writer) error {
 	mqttAddr := fs.String("mqtt", ":8883", "MQTT-over-TLS listen address")
 	apiAddr := fs.String("api", "127.0.0.1:8080", "admin HTTPS API listen address")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
-	deviceRate := fs.Int64("device-rate", 0, "bytes per second of chunks served to one device at most (0: no cap)")
+	deviceRate := fs.Int64("device-rate", 0, "frame bytes per second served to one device at most, after a burst of one 64 KiB frame; see PROTOCOL.md, Rate cap (0: no cap)")
 	maxPending := fs.Int("max-pending", 0, "connections not yet authenticated (TLS handshake and CONNECT) at most, from all sources (0: default 8192, -1: no cap)")
 	maxPendingSrc := fs.Int("max-pending-per-source", 0, "the same from one source address, an IPv6 /64 (0: default 1024, -1: no cap)")
 	acceptRate := fs.Int("accept-rate", 0, "connections accepted per second at most (0: default 5000, -1: no cap)")

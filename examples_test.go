@@ -1025,3 +1025,83 @@ func TestMosquittoClients(t *testing.T) {
 		}
 	})
 }
+
+// TestPythonDeviceStatusAndPatchReasons checks two things PROTOCOL.md asks of a device, on the
+// Python device's own code: its Status carries the installed image's security counter (left
+// out while it is 0, unknown), and a patch that arrived as signed but cannot be applied fails
+// with patch-apply, one made for another base with bad-manifest, as devicesim does.
+func TestPythonDeviceStatusAndPatchReasons(t *testing.T) {
+	needPython(t)
+	base, target := demoImage(demoFrom), demoImage(demoTo)
+	good, err := delta.Make(base, target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := delta.Make(append(bytes.Clone(base), 0), target) // a base one byte longer
+	if err != nil {
+		t.Fatal(err)
+	}
+	hash := func(b []byte) string { h := sha256.Sum256(b); return hex.EncodeToString(h[:]) }
+	type pyCase struct {
+		Name    string `json:"name"`
+		Counter uint64 `json:"counter"`
+		Patch   []byte `json:"patch"`
+	}
+	cases := []pyCase{
+		{Name: "factory counter", Counter: 3, Patch: good},
+		{Name: "counter unknown", Counter: 0, Patch: good},
+		{Name: "garbage", Counter: 3, Patch: bytes.Repeat([]byte("\xde\xad\xbe\xef"), 256)},
+		{Name: "cut short", Counter: 3, Patch: good[:len(good)/2]},
+		{Name: "another base", Counter: 3, Patch: other},
+	}
+	type pyResult struct {
+		Status map[string]any `json:"status"`
+		Reason string         `json:"reason"`
+	}
+	var got []pyResult
+	in := map[string]any{"cases": cases, "base": base, "size": len(target), "sha256": hash(target)}
+	pyHarness(t, `
+import base64, hashlib, types
+inp = json.load(sys.stdin)
+old = base64.b64decode(inp["base"])
+out = []
+for c in inp["cases"]:
+    patch = base64.b64decode(c["patch"])
+    flash = types.SimpleNamespace(image=old, state={"model": "primehub", "active": 0, "version": "7.27.0",
+        "counter": c["counter"], "sha256": hashlib.sha256(old).hexdigest()})
+    dev = types.SimpleNamespace(model="primehub", flash=flash, job=None)
+    m = {"size": inp["size"], "sha256": inp["sha256"], "delta": {"patch_size": len(patch),
+        "patch_sha256": hashlib.sha256(patch).hexdigest()}}
+    reason = ""
+    try:
+        d.Device.verify(dev, m, patch)
+    except d.JobError as e:
+        reason = e.reason
+    out.append({"status": d.Device.status(dev), "reason": reason})
+print(json.dumps(out))
+`, in, &got)
+	if len(got) != len(cases) {
+		t.Fatalf("got %d results, want %d", len(got), len(cases))
+	}
+	want := map[string]string{"factory counter": "", "counter unknown": "", "garbage": protocol.ReasonPatchApply,
+		"cut short": protocol.ReasonPatchApply, "another base": protocol.ReasonBadManifest}
+	for i, c := range cases {
+		g := got[i]
+		if g.Reason != want[c.Name] {
+			t.Errorf("%s: got reason %q, want %q", c.Name, g.Reason, want[c.Name])
+		}
+		// Decoded as the server decodes a Status.
+		b, err := json.Marshal(g.Status)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st protocol.Status
+		if err := json.Unmarshal(b, &st); err != nil {
+			t.Fatalf("%s: status %s: %v", c.Name, b, err)
+		}
+		_, sent := g.Status["counter"]
+		if st.Counter != c.Counter || sent != (c.Counter != 0) {
+			t.Errorf("%s: got status %s, want counter %d (left out when 0)", c.Name, b, c.Counter)
+		}
+	}
+}

@@ -666,6 +666,7 @@ func (d *Device) sendStatus(ctx context.Context, s *session) error {
 		SHA256:   d.flash.state.SHA256,
 		State:    protocol.StateIdle,
 		MaxChunk: d.cfg.MaxChunk,
+		Counter:  d.flash.state.Counter,
 	}
 	if j := d.job; j != nil {
 		st.State, st.Job = j.state, j.id

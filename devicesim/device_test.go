@@ -436,11 +436,12 @@ func testUpdateEndToEnd(t *testing.T, f fixture, persist bool) {
 	if len(sts) < 2 {
 		t.Fatalf("statuses: got %d, want 2 (before and after the reboot)", len(sts))
 	}
-	if first := sts[0]; first.Version != oldVer || first.State != protocol.StateIdle || first.Model != model {
-		t.Errorf("first status: got %+v, want idle %s %s", first, model, oldVer)
+	if first := sts[0]; first.Version != oldVer || first.State != protocol.StateIdle || first.Model != model || first.Counter != cfg.Counter {
+		t.Errorf("first status: got %+v, want idle %s %s counter %d", first, model, oldVer, cfg.Counter)
 	}
-	if last := sts[len(sts)-1]; last.Version != newVer || last.SHA256 != hex.EncodeToString(sum[:]) {
-		t.Errorf("status after reboot: got %s %s, want %s %x", last.Version, last.SHA256, newVer, sum)
+	// The counter is the installed manifest's from the reboot on.
+	if last := sts[len(sts)-1]; last.Version != newVer || last.SHA256 != hex.EncodeToString(sum[:]) || last.Counter != 1 {
+		t.Errorf("status after reboot: got %s %s counter %d, want %s %x counter 1", last.Version, last.SHA256, last.Counter, newVer, sum)
 	}
 
 	// The same job offered again is confirmed again, not installed again.

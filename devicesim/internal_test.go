@@ -4,6 +4,7 @@ import (
 	"crypto/ed25519"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -310,5 +311,58 @@ sim-0003  1.0.0  -      0      -      0.00     idle
 `
 	if got := b.String(); got != want {
 		t.Errorf("got\n%s\nwant\n%s", got, want)
+	}
+}
+
+// TestDownloadBusyIsNotASend checks PROTOCOL.md's rule that a range asked again after "busy"
+// does not count toward the 6 sends that fail a job: only sends that went unanswered, came
+// back corrupt or were answered "internal" do. A range unanswered 5 times and then told
+// "busy" 20 times still completes, and its next unanswered send is still the 6th.
+func TestDownloadBusyIsNotASend(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		last func(dl *download, now time.Time) error // after 5 timeouts and maxBusy busy answers
+		want error
+	}{
+		{"then data", func(dl *download, now time.Time) error {
+			if n := accept(dl, 0, make([]byte, dl.size)); n != int(dl.size) {
+				t.Fatalf("accept: got %d, want %d", n, dl.size)
+			}
+			if !dl.complete() {
+				t.Fatal("download not complete after the range arrived")
+			}
+			return nil
+		}, nil},
+		{"then a sixth timeout", func(dl *download, now time.Time) error { return dl.expire(now.Add(time.Hour)) }, errExhausted},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			o := validOffer()
+			o.Window = 1
+			dl := memDownload(o, time.Millisecond)
+			now := time.Now()
+			ask := func(round string) {
+				t.Helper()
+				now = now.Add(time.Hour) // past any timeout or pause
+				if reqs := dl.requests(now, nil); len(reqs) != 1 || reqs[0].Offset != 0 {
+					t.Fatalf("%s: got requests %+v, want offset 0 again", round, reqs)
+				}
+			}
+			for i := range maxAttempts - 1 {
+				ask(fmt.Sprintf("timeout %d", i+1))
+				if err := dl.expire(now.Add(time.Hour)); err != nil {
+					t.Fatalf("timeout %d: got %v, want the range asked again", i+1, err)
+				}
+			}
+			for i := range maxBusy {
+				ask(fmt.Sprintf("busy %d", i+1))
+				if err := dl.busy(0, now); err != nil {
+					t.Fatalf("busy %d after %d timeouts: got %v, want the range asked again", i+1, maxAttempts-1, err)
+				}
+			}
+			ask("last")
+			if err := tt.last(dl, now); !errors.Is(err, tt.want) {
+				t.Fatalf("got %v, want %v", err, tt.want)
+			}
+		})
 	}
 }

@@ -389,9 +389,9 @@ func (d *Device) verify(m protocol.Manifest, data []byte) ([]byte, error) {
 		return delta.Apply(base, bytes.NewReader(data), m.Size)
 	})
 	if err != nil {
-		// A signed patch that does not apply: it was made from another base, or it cannot
-		// build the signed image.
-		reason := protocol.ReasonHashMismatch
+		// A signed patch that does not apply: made from another base (a manifest that should
+		// not have been offered to this device), or unusable as it was signed.
+		reason := protocol.ReasonPatchApply
 		if errors.Is(err, delta.ErrWrongBase) {
 			reason = protocol.ReasonBadManifest
 		}

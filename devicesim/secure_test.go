@@ -269,14 +269,14 @@ func TestAttacksRefused(t *testing.T) {
 			offer: func(t *testing.T) (protocol.Offer, []byte) {
 				return patch(t, patchHeader(int64(len(f.oldImg)), 1<<40))
 			},
-			wantReason: protocol.ReasonHashMismatch, wantErr: delta.ErrTooLarge, downloads: true,
+			wantReason: protocol.ReasonPatchApply, wantErr: delta.ErrTooLarge, downloads: true,
 		},
 		{
 			name: "hostile patch cut short",
 			offer: func(t *testing.T) (protocol.Offer, []byte) {
 				return patch(t, good[:len(good)/2])
 			},
-			wantReason: protocol.ReasonHashMismatch, wantErr: delta.ErrBadPatch, downloads: true,
+			wantReason: protocol.ReasonPatchApply, wantErr: delta.ErrBadPatch, downloads: true,
 		},
 		{
 			name: "hostile patch of garbage bytes",
@@ -284,7 +284,7 @@ func TestAttacksRefused(t *testing.T) {
 				junk := bytes.Repeat([]byte("\xde\xad\xbe\xef"), 2048)
 				return patch(t, junk)
 			},
-			wantReason: protocol.ReasonHashMismatch, wantErr: delta.ErrBadPatch, downloads: true,
+			wantReason: protocol.ReasonPatchApply, wantErr: delta.ErrBadPatch, downloads: true,
 		},
 		{
 			name: "unknown delta format",
@@ -342,6 +342,13 @@ func TestAttacksRefused(t *testing.T) {
 			}
 			want := devicesim.State{Model: model, Version: oldVer, Counter: installedCounter, SHA256: shaHex(f.oldImg)}
 			checkState(t, d, cfg.StateDir, want, f.oldImg)
+			// The counter set at manufacture is reported, so a server can tell what the device
+			// will refuse.
+			for _, st := range s.statusesOf("dev-1") {
+				if st.Counter != installedCounter {
+					t.Errorf("status: got counter %d, want the factory image's %d", st.Counter, installedCounter)
+				}
+			}
 		})
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -102,6 +103,9 @@ var examples = map[string]exampleSpec{
 			shows := []string{"Status"}
 			if st.MaxChunk != 0 {
 				shows = append(shows, "Status with max_chunk")
+			}
+			if st.Counter != 0 {
+				shows = append(shows, "Status with counter")
 			}
 			if st.Job != "" {
 				shows = append(shows, "Status with a job")
@@ -200,8 +204,11 @@ func validState(s string, idle bool) bool {
 	return false
 }
 
+// reasons are the failure reasons of PROTOCOL.md's table, in its order.
+var reasons = []string{ReasonBadManifest, ReasonHashMismatch, ReasonPatchApply, ReasonSize, ReasonTransfer, ReasonInstall}
+
 func knownReason(s string) bool {
-	for _, r := range []string{ReasonBadManifest, ReasonHashMismatch, ReasonSize, ReasonTransfer, ReasonInstall} {
+	for _, r := range reasons {
 		if s == r || strings.HasPrefix(s, r+": ") {
 			return true
 		}
@@ -290,7 +297,7 @@ func checkFrame(body string) ([]string, error) {
 
 // docShows is everything PROTOCOL.md must show with a checked example.
 var docShows = []string{
-	"Status", "Status with max_chunk", "Status with a job",
+	"Status", "Status with max_chunk", "Status with a job", "Status with counter",
 	"Offer of a full image", "Offer of a delta",
 	"ChunkRequest",
 	"Event " + StateDownloading, "Event " + StateVerifying, "Event " + StateInstalling,
@@ -390,3 +397,108 @@ func TestCheckExampleRefuses(t *testing.T) {
 		t.Errorf("docShows: want failed events required")
 	}
 }
+
+// docSection returns the text of the section of doc under the heading line head (e.g.
+// "### Status"), up to the next heading of the same or a higher level.
+func docSection(doc, head string) (string, error) {
+	level := strings.Index(head, " ")
+	lines := strings.Split(doc, "\n")
+	for i, l := range lines {
+		if l != head {
+			continue
+		}
+		var b strings.Builder
+		for _, l := range lines[i+1:] {
+			if n := strings.Index(l, " "); n > 0 && n <= level && strings.Trim(l[:n], "#") == "" {
+				break
+			}
+			b.WriteString(l)
+			b.WriteByte('\n')
+		}
+		return b.String(), nil
+	}
+	return "", fmt.Errorf("no section %q", head)
+}
+
+// tableKeys returns the first cell of every row of the Markdown tables in text whose first
+// cell is one code span (`name`), in order.
+func tableKeys(text string) []string {
+	var keys []string
+	for _, l := range strings.Split(text, "\n") {
+		cells := strings.Split(l, "|")
+		if len(cells) < 3 || strings.TrimSpace(cells[0]) != "" {
+			continue
+		}
+		c := strings.TrimSpace(cells[1])
+		if len(c) > 2 && c[0] == '`' && c[len(c)-1] == '`' && !strings.Contains(c[1:len(c)-1], "`") {
+			keys = append(keys, c[1:len(c)-1])
+		}
+	}
+	return keys
+}
+
+// jsonFields returns the JSON names of v's struct fields, in order.
+func jsonFields(v any) []string {
+	var names []string
+	t := reflect.TypeOf(v)
+	for i := range t.NumField() {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		names = append(names, name)
+	}
+	return names
+}
+
+// TestProtocolDocTables checks PROTOCOL.md's tables against the code: each message's field
+// table lists exactly the fields of its Go type, in order; the failure reasons and error codes
+// tables list exactly the protocol's; and the numbers the Limits section states are the
+// code's.
+func TestProtocolDocTables(t *testing.T) {
+	b, err := os.ReadFile(docPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(b)
+	for _, tt := range []struct {
+		head string
+		want []string
+	}{
+		{"### Status", jsonFields(Status{})},
+		{"### Offer", jsonFields(Offer{})},
+		{"### ChunkRequest", jsonFields(ChunkRequest{})},
+		{"### Event", jsonFields(Event{})},
+		{"## Failure reasons", reasons},
+		{"### Error codes", errCodes},
+	} {
+		sec, err := docSection(doc, tt.head)
+		if err != nil {
+			t.Errorf("PROTOCOL.md: %v", err)
+			continue
+		}
+		if got := tableKeys(sec); !slices.Equal(got, tt.want) {
+			t.Errorf("PROTOCOL.md %s: table lists %q, want %q", tt.head, got, tt.want)
+		}
+	}
+
+	limits, err := docSection(doc, "## Limits")
+	if err != nil {
+		t.Fatalf("PROTOCOL.md: %v", err)
+	}
+	flat := strings.Join(strings.Fields(limits), " ")
+	// 32-bit frame offsets: the largest transfer.
+	if off := reflect.TypeOf(Frame{}.Offset).Bits(); off != 32 || !strings.Contains(flat, "at most 2^32 bytes (4 GiB)") {
+		t.Errorf("Limits: want the largest transfer stated as 2^32 bytes for %d-bit offsets", off)
+	}
+	// The largest counter every JSON parser carries exactly, written in the signing bytes as
+	// plain decimal.
+	const exact = uint64(1) << 53
+	if !strings.Contains(flat, fmt.Sprintf("0 to 2^53 (%d)", exact)) {
+		t.Errorf("Limits: want the counter range stated as 0 to 2^53 (%d)", exact)
+	}
+	m := Manifest{V: ProtocolVersion, Model: "m", Version: "1.0.0", Counter: exact, Size: 1, SHA256: strings.Repeat("ab", 32)}
+	if sb := string(m.SigningBytes()); !strings.Contains(sb, fmt.Sprintf("\ncounter=%d\n", exact)) || !strings.Contains(sb, "\ndelta.patch_size=0\n") {
+		t.Errorf("signing bytes %q: want integers in plain decimal", sb)
+	}
+}
+
+// errCodes are the error codes of PROTOCOL.md's table, in its order.
+var errCodes = []string{ErrCodeRange, ErrCodeNoJob, ErrCodeBusy, ErrCodeInternal}

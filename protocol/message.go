@@ -18,6 +18,10 @@ const (
 	ReasonSize         = "size"          // transfer longer or shorter than the signed size
 	ReasonTransfer     = "transfer"      // chunks stopped coming
 	ReasonInstall      = "install"       // writing or booting the new image failed
+	// ReasonPatchApply: a delta patch matched its signed size and hash but could not be
+	// applied to the installed image (malformed, or building more than the signed size). It
+	// is not a hash mismatch: the bytes arrived as signed, so sending them again cannot help.
+	ReasonPatchApply = "patch-apply"
 )
 
 // Status is what a device publishes on SuffixStatus each time it connects, and again after an
@@ -33,6 +37,9 @@ type Status struct {
 	// [MinChunkSize, MaxChunkSize]; 0 means the server's default. Offers use the smaller of it
 	// and the server's chunk size.
 	MaxChunk int `json:"max_chunk,omitempty"`
+	// Counter is the security counter of the installed image (its manifest's counter; a factory
+	// image's is set at manufacture). 0 means unknown.
+	Counter uint64 `json:"counter,omitempty"`
 }
 
 // Offer is what the server publishes on SuffixJob to ask a device to install a firmware.

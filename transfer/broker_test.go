@@ -336,3 +336,114 @@ func TestFrozenDeviceDoesNotStallOthers(t *testing.T) {
 		t.Errorf("live heap grew by %d MiB with a frozen device, want at most %d MiB", live>>20, max>>20)
 	}
 }
+
+// TestDeviceRateBoundsBytes downloads part of an image through the real broker with
+// DeviceRate set, and checks what PROTOCOL.md promises a capped device: over any stretch of t
+// seconds it gets at most one frame of the largest chunk + rate*t frame bytes; a frame the rate delays by at
+// most 250 ms waits, and only a longer delay is answered "busy". Elapsed time is measured
+// around the whole download, so the bound holds however slowly the machine runs.
+func TestDeviceRateBoundsBytes(t *testing.T) {
+	const (
+		chunk = 16 << 10
+		// The burst PROTOCOL.md states: one frame of the largest chunk.
+		burst = protocol.MaxChunkSize + protocol.FrameHeaderSize
+	)
+	path := filepath.Join("..", "..", "shared", "firmware", "pybricks-primehub-7.28.0.bin")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = f.Close() })
+	sum := sha256.Sum256(data)
+	sha := hex.EncodeToString(sum[:])
+	ca := certstest.New(t)
+	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelError}))
+
+	for _, tt := range []struct {
+		name  string
+		rate  int64 // bytes per second
+		size  int64 // of the transfer: the image's first bytes
+		paced bool  // some frames must have waited
+		busy  bool  // some requests must have been answered "busy"; none otherwise
+	}{
+		// A 16 KiB frame is 63 ms at this rate: every frame past the burst waits, none is busy.
+		{name: "frames wait their turn", rate: 256 << 10, size: 10 * chunk, paced: true},
+		// Here a frame is 500 ms, above the 250 ms a request may wait: past the burst the
+		// device hears "busy" and asks again later.
+		{name: "busy beyond the wait", rate: 32 << 10, size: 6 * chunk, busy: true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			b, err := broker.New(broker.Options{Addr: "127.0.0.1:0", TLS: ca.ServerTLS(t), Logger: log})
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv, err := transfer.New(transfer.Options{
+				Lookup: func(d string) (transfer.Transfer, bool) {
+					return transfer.Transfer{Job: "job-1", ID: 7, SHA256: sha, Size: tt.size, ChunkMax: chunk}, true
+				},
+				Artifacts:  fileArtifacts{sha, f},
+				Sender:     b,
+				Logger:     log,
+				DeviceRate: tt.rate,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				if err := b.Close(ctx); err != nil {
+					t.Errorf("broker Close: %v", err)
+				}
+				if err := srv.Close(ctx); err != nil {
+					t.Errorf("transfer Close: %v", err)
+				}
+			})
+			if err := b.Start(); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.Subscribe(protocol.SuffixRequest, srv.Handle); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			d, err := transfertest.Dial(ctx, b.Addr().String(), ca.DeviceTLS(t, "dev-1", "primehub"), "dev-1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = d.Close() })
+
+			start := time.Now()
+			j := transfertest.Job{Job: "job-1", Transfer: 7, Size: tt.size, Chunk: chunk, Window: protocol.DefaultWindow}
+			r, err := d.Download(ctx, j, transfertest.Options{Reask: 5 * time.Second, BusyPause: 50 * time.Millisecond})
+			elapsed := time.Since(start)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(r.Image, data[:tt.size]) {
+				t.Fatal("downloaded bytes differ from the image")
+			}
+			// Counters are added after a frame is written: wait for the last one's.
+			poll(t, 10*time.Second, "no frame bytes in flight", func() bool { return srv.Stats().Inflight == 0 })
+			st := srv.Stats()
+			sent := int64(st.Bytes) + int64(st.Chunks)*protocol.FrameHeaderSize
+			bound := float64(tt.rate)*elapsed.Seconds() + burst
+			t.Logf("rate %d B/s: %d frame bytes in %v (bound %.0f); %d requests, %d paced, %d busy",
+				tt.rate, sent, elapsed.Round(time.Millisecond), bound, st.Requests, st.Paced, st.BusyRate)
+			if float64(sent) > bound {
+				t.Errorf("got %d frame bytes in %v, want at most burst %d + rate %d x elapsed = %.0f",
+					sent, elapsed, burst, tt.rate, bound)
+			}
+			if tt.paced && st.Paced == 0 {
+				t.Errorf("got no paced request, want frames past the burst to wait")
+			}
+			if tt.busy != (st.BusyRate > 0) || uint64(r.Busy) != st.BusyRate {
+				t.Errorf("got %d busy answers (device saw %d), want some: %v", st.BusyRate, r.Busy, tt.busy)
+			}
+		})
+	}
+}

@@ -28,8 +28,10 @@ import (
 const (
 	// DefaultMaxInflight lets 1,024 devices hold a frame of the largest chunk at once.
 	DefaultMaxInflight = 1024 * (protocol.MaxChunkSize + protocol.FrameHeaderSize)
-	// DefaultDeviceBurst lets a capped device take a window of 8 of the largest chunks at once.
-	DefaultDeviceBurst = 8 * (protocol.MaxChunkSize + protocol.FrameHeaderSize)
+	// DefaultDeviceBurst lets a capped device take one frame of the largest chunk at once: a
+	// deeper bucket would let a device at a low rate have a whole window at full speed before
+	// the cap shows, which is not what an operator setting a rate asks for.
+	DefaultDeviceBurst = protocol.MaxChunkSize + protocol.FrameHeaderSize
 )
 
 // paceMax is the longest a request waits for a capped device's rate to allow it; well below
@@ -91,10 +93,14 @@ type Options struct {
 	// bounds memory when many devices ask at the same moment; a request that would go over it
 	// is answered "busy".
 	MaxInflight int64
-	// DeviceRate, when above 0, caps each device at that many chunk bytes per second, after a
-	// first DeviceBurst bytes: a request the cap delays by up to 250 ms waits (on the device's
-	// own goroutine, so its other requests wait too), a longer delay is answered "busy". 0
-	// means no cap: a device gets what its link and the server give it.
+	// DeviceRate, when above 0, caps each device's frame bytes (header included): over any t
+	// seconds a device is sent at most DeviceBurst + DeviceRate*t of them. A request the cap
+	// delays by up to 250 ms waits (on the device's own goroutine, so its other requests wait
+	// too); one it would delay longer is answered "busy" and charged nothing. So at a rate
+	// below 4 frames a second every frame past the burst is answered "busy" until the
+	// device's bucket has drained, and the device's pause after "busy" does the pacing. 0
+	// means no cap: a device gets what its link and the server give it. DeviceBurst is at
+	// least one frame of the largest chunk, the default.
 	DeviceRate  int64
 	DeviceBurst int64
 }

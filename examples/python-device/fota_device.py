@@ -48,8 +48,8 @@ ROOT = "fota/v1"
 # Job states and failure reasons (PROTOCOL.md "Device job states").
 IDLE, DOWNLOADING, VERIFYING, INSTALLING, INSTALLED, FAILED = (
     "idle", "downloading", "verifying", "installing", "installed", "failed")
-BAD_MANIFEST, HASH_MISMATCH, SIZE, TRANSFER, INSTALL = (
-    "bad-manifest", "hash-mismatch", "size", "transfer", "install")
+BAD_MANIFEST, HASH_MISMATCH, PATCH_APPLY, SIZE, TRANSFER, INSTALL = (
+    "bad-manifest", "hash-mismatch", "patch-apply", "size", "transfer", "install")
 
 DELTA_FORMAT = "fota-delta-v1"
 
@@ -907,6 +907,10 @@ class Device:
     def status(self):
         st = {"v": PROTOCOL_VERSION, "model": self.model, "version": self.flash.state["version"],
               "sha256": self.flash.state["sha256"], "state": IDLE}
+        if self.flash.state["counter"]:
+            # The installed image's counter, so the server need not offer what this device
+            # refuses; 0 (unknown) is left out.
+            st["counter"] = self.flash.state["counter"]
         if self.job is not None:
             st["state"], st["job"] = self.job.state, self.job.id
         return st
@@ -1090,7 +1094,9 @@ class Device:
             try:
                 image = apply_delta(self.flash.image, data, m["size"])
             except DeltaError as e:
-                reason = {"base": BAD_MANIFEST, "size": SIZE}.get(e.kind, HASH_MISMATCH)
+                # The patch arrived as signed, so it is not a hash mismatch: one made for
+                # another base was offered wrongly, anything else cannot be applied.
+                reason = BAD_MANIFEST if e.kind == "base" else PATCH_APPLY
                 raise JobError(reason, "apply patch: %s" % e)
         if len(image) != m["size"]:
             raise JobError(SIZE, "image of %d bytes, manifest says %d" % (len(image), m["size"]))
