@@ -47,6 +47,12 @@ type Options struct {
 	// RetryBackoff is the wait before the second offer of a job that timed out; it doubles
 	// with each attempt up to RetryBackoffMax, and half of it is random. Defaults 1m and 1h.
 	RetryBackoff, RetryBackoffMax time.Duration
+	// UnreachableAfter is how long a device of an open rollout may stay offline before its
+	// job ends unreachable, so that the rollout can finish without it; default 24h.
+	UnreachableAfter time.Duration
+	// Revoked reports whether a device's certificate is revoked; optional. Such a device's
+	// job ends skipped, and no new rollout selects it. DeviceRevoked tells of later ones.
+	Revoked func(id string) bool
 }
 
 func (o *Options) fill() error {
@@ -83,6 +89,12 @@ func (o *Options) fill() error {
 	}
 	if o.RetryBackoffMax < o.RetryBackoff {
 		o.RetryBackoffMax = max(time.Hour, o.RetryBackoff)
+	}
+	if o.UnreachableAfter <= 0 {
+		o.UnreachableAfter = 24 * time.Hour
+	}
+	if o.Revoked == nil {
+		o.Revoked = func(string) bool { return false }
 	}
 	return nil
 }
@@ -129,6 +141,10 @@ type Controller struct {
 	brokenMu  sync.Mutex
 	brokenErr error
 
+	// beforeCommit, when set, runs inside each state file transaction before its writes;
+	// an error fails the commit. Tests use it to make a state write fail on demand.
+	beforeCommit atomic.Pointer[func() error]
+
 	stats Stats
 }
 
@@ -139,6 +155,10 @@ type Stats struct {
 	Commits      atomic.Uint64 // state file transactions
 	Writes       atomic.Uint64 // transition writes in them
 	FailedWrites atomic.Uint64 // transitions lost to a failed commit
+	// FailedCommits counts state file transactions that failed (a full disk); after each the
+	// controller reloads its state from the file (Reloads) and decides again.
+	FailedCommits atomic.Uint64
+	Reloads       atomic.Uint64
 }
 
 // xfer is what a device may currently download; Transfer hands it to the chunk server.
@@ -399,13 +419,28 @@ func (c *Controller) reloadAfterFailure(cause error) {
 	barrier := newReq(nil)
 	c.writes <- barrier
 	<-barrier.fin
+	// Presence is not state the file can restore: the devices' connections outlived the
+	// failed commit, and a device marked offline would be offered nothing until it reconnects,
+	// which, with its connection up, may be never.
+	online := make(map[string]time.Time)
+	for _, ds := range c.devList {
+		if ds.d.Online {
+			online[ds.d.ID] = ds.d.LastSeen
+		}
+	}
 	c.reset()
 	c.nextSeq = 0
 	if err := c.load(); err != nil {
 		c.log.Error("reload state after failed commit; refusing changes", "err", err)
 		return
 	}
+	for id, seen := range online {
+		if ds := c.devs[id]; ds != nil {
+			ds.d.Online, ds.d.LastSeen = true, seen
+		}
+	}
 	c.restore(c.clock.Now())
+	c.stats.Reloads.Add(1)
 	c.broken = nil
 	c.brokenMu.Lock()
 	c.brokenErr = nil

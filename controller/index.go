@@ -28,7 +28,7 @@ var stateIdx = func() map[string]int {
 	return m
 }()
 
-const nStates = 9
+const nStates = 11 // len(JobStates)
 
 // devState is one registered device.
 type devState struct {
