@@ -640,7 +640,7 @@ func (c *Controller) reconcile(r *rollout, ds *devState, st protocol.Status, now
 		c.endJob(p, ds, JobFailed, protocol.ReasonInstall+": device came back on "+ds.d.Version, now)
 	case JobOffered, JobDownloading, JobVerifying:
 		// The device reconnected: offer the same job again, so it resumes the same transfer.
-		if o := c.offerMsg(r, ds); o != nil {
+		if o := c.offerMsg(r, ds, now); o != nil {
 			cm.offers = append(cm.offers, *o)
 		}
 	case JobPending:
@@ -685,6 +685,10 @@ func (c *Controller) offer(r *rollout, ds *devState, now time.Time, p *pending, 
 		c.log.Error("offer", "rollout", r.rec.ID, "err", err)
 		return false
 	}
+	if err := manifestFresh(m, r.rec.Spec, now); err != nil {
+		c.stopIfExpired(r, now, p)
+		return false
+	}
 	if ds.job == nil {
 		c.newJob(r, ds, now)
 	}
@@ -703,7 +707,7 @@ func (c *Controller) offer(r *rollout, ds *devState, now time.Time, p *pending, 
 	})
 	ds.d.Job = ds.job.ID
 	p.add(putDeviceFn(ds.d))
-	offered, ok := c.chooseArtifact(ds, ds.job, m)
+	offered, ok := c.chooseArtifact(r, ds, ds.job, m, now)
 	if !ok {
 		// The patch for this device is being made; it is offered when ready, and holds its
 		// slot meanwhile.
@@ -722,12 +726,16 @@ func (c *Controller) offer(r *rollout, ds *devState, now time.Time, p *pending, 
 	return true
 }
 
-// offerMsg encodes the offer of ds's current job again (a device that reconnected).
-func (c *Controller) offerMsg(r *rollout, ds *devState) *offerMsg {
+// offerMsg encodes the offer of ds's current job again (a device that reconnected). A
+// manifest expired since is not sent: the phase timeout ends the job.
+func (c *Controller) offerMsg(r *rollout, ds *devState, now time.Time) *offerMsg {
 	j := ds.job
 	m, err := c.manifest(r)
 	if err != nil {
 		c.log.Error("offer", "rollout", r.rec.ID, "err", err)
+		return nil
+	}
+	if exp, _ := m.ExpiresAt(); !exp.IsZero() && !now.Before(exp) {
 		return nil
 	}
 	offered := m
@@ -735,6 +743,9 @@ func (c *Controller) offerMsg(r *rollout, ds *devState) *offerMsg {
 		dm, ready, err := c.opts.Deltas.Delta(ds.d.SHA256, m)
 		if err != nil || !ready || dm.Delta == nil || dm.Delta.PatchSHA256 != j.Artifact {
 			return nil // the job's patch is gone; the phase timeout retries it
+		}
+		if exp, _ := dm.ExpiresAt(); !exp.IsZero() && !now.Before(exp) {
+			return nil
 		}
 		offered = dm
 	}
@@ -766,9 +777,9 @@ func (c *Controller) manifest(r *rollout) (protocol.Manifest, error) {
 }
 
 // chooseArtifact decides what a job streams: a verified patch from the image the device runs
-// when one is ready and small enough, else the full image. It returns ok false while a patch
-// is being made.
-func (c *Controller) chooseArtifact(ds *devState, j *Job, full protocol.Manifest) (protocol.Manifest, bool) {
+// when one is ready, small enough and its manifest fresh for the job's span, else the full
+// image. It returns ok false while a patch is being made.
+func (c *Controller) chooseArtifact(r *rollout, ds *devState, j *Job, full protocol.Manifest, now time.Time) (protocol.Manifest, bool) {
 	j.Chunk = ds.d.MaxChunk
 	useFull := func() (protocol.Manifest, bool) {
 		j.Delta, j.Artifact, j.Size = false, full.SHA256, full.Size
@@ -790,6 +801,9 @@ func (c *Controller) chooseArtifact(ds *devState, j *Job, full protocol.Manifest
 		c.waiting[key][ds.d.ID] = true
 		return protocol.Manifest{}, false
 	case m.Delta == nil:
+		return useFull()
+	case manifestFresh(m, r.rec.Spec, now) != nil:
+		c.log.Debug("full image: the patch's manifest expires too soon", "device", ds.d.ID, "expires", m.Expires)
 		return useFull()
 	}
 	j.Delta, j.Artifact, j.Size = true, m.Delta.PatchSHA256, m.Delta.PatchSize
@@ -817,7 +831,13 @@ func (c *Controller) DeltaReady(base, target string) {
 			if err != nil {
 				return err
 			}
-			offered, ok := c.chooseArtifact(ds, ds.job, m)
+			if manifestFresh(m, r.rec.Spec, now) != nil {
+				// Not offered; the device waits in its job, pending, until the rollout resumes.
+				c.change(ds, func() { ds.reserved = false })
+				c.stopIfExpired(r, now, p)
+				continue
+			}
+			offered, ok := c.chooseArtifact(r, ds, ds.job, m, now)
 			if !ok {
 				continue
 			}

@@ -78,3 +78,92 @@ func TestFailedCommitKeepsDevicesOnline(t *testing.T) {
 		t.Errorf("got %d failed commits, want 2", got)
 	}
 }
+
+// TestExpiredReleaseRefused: a rollout of a release that expired, or that expires before a
+// job offered now could finish its phases, is refused with ErrExpired.
+func TestExpiredReleaseRefused(t *testing.T) {
+	tests := []struct {
+		name, expires, want string
+	}{
+		{"expired", t0.Add(-time.Second).Format(time.RFC3339), "expired at"},
+		{"expires within the job span", t0.Add(30 * time.Minute).Format(time.RFC3339), "before a job offered now could finish"},
+		{"fresh", t0.Add(2 * time.Hour).Format(time.RFC3339), ""},
+		{"never", "", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.fw.expires = tt.expires
+			h.fleet("d", 1)
+			_, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"})
+			if tt.want == "" {
+				if err != nil {
+					t.Fatalf("got %v, want the rollout created", err)
+				}
+				h.waitOffer("d-000", 1)
+				return
+			}
+			if !errors.Is(err, ErrExpired) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("got %v, want ErrExpired saying %q", err, tt.want)
+			}
+			if list, _ := h.c.ListRollouts(); len(list) != 0 {
+				t.Errorf("got %d rollouts, want none kept", len(list))
+			}
+		})
+	}
+}
+
+// offersTo counts the offers sent to the devices.
+func (h *harness) offersTo(ids []string) int {
+	n := 0
+	for _, id := range ids {
+		n += len(h.pub.on(protocol.Topic(id, protocol.SuffixJob)))
+	}
+	return n
+}
+
+// TestReleaseExpiringMidRollout: once the release would expire before a new job could
+// finish, the rollout pauses with the reason and offers nothing more, not even the same job
+// again to a device that reconnects after the expiry. It resumes only once the release has
+// been added again with a later expiry.
+func TestReleaseExpiringMidRollout(t *testing.T) {
+	h := newHarness(t)
+	h.fw.expires = t0.Add(2 * time.Hour).Format(time.RFC3339)
+	ids := h.fleet("d", 3)
+	r := h.create(RolloutSpec{MaxConcurrent: 1})
+	first := h.devicesIn(r.ID, JobOffered)
+	if len(first) != 1 {
+		t.Fatalf("got %v offered, want 1 device", first)
+	}
+	h.install(r.ID, first[0])
+	second := h.devicesIn(r.ID, JobOffered)
+	if len(second) != 1 {
+		t.Fatalf("got %v offered after an install, want 1 device", second)
+	}
+	h.waitFor("two offers", func() bool { return h.offersTo(ids) == 2 })
+
+	// 2h minus the 50m job span: no job offered from here could finish in time.
+	h.tick(t0.Add(70*time.Minute + time.Second))
+	got := h.rollout(r.ID)
+	if got.State != RolloutPaused || !strings.Contains(got.Reason, "before a job offered now could finish") {
+		t.Fatalf("got %s (%q), want paused because the release expires", got.State, got.Reason)
+	}
+	h.install(r.ID, second[0]) // a device at work finishes
+	h.clock.Set(t0.Add(2*time.Hour + time.Second))
+	for _, id := range ids {
+		h.status(id, "7.27.0") // reconnects
+	}
+	h.tick(t0.Add(3 * time.Hour))
+	if n := h.offersTo(ids); n != 2 {
+		t.Errorf("got %d offers, want still 2: the release expired", n)
+	}
+	if _, err := h.c.ResumeRollout(r.ID); !errors.Is(err, ErrExpired) {
+		t.Errorf("resume: got %v, want ErrExpired", err)
+	}
+
+	h.fw.expires = t0.Add(24 * time.Hour).Format(time.RFC3339)
+	if got, err := h.c.ResumeRollout(r.ID); err != nil || got.State != RolloutActive {
+		t.Fatalf("resume after the release was extended: got %s (%v), want active", got.State, err)
+	}
+	h.waitFor("the third offer", func() bool { return h.offersTo(ids) == 3 })
+}

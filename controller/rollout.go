@@ -11,6 +11,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/fota-dev/fota/protocol"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -33,6 +34,9 @@ func (c *Controller) CreateRollout(ctx context.Context, spec RolloutSpec) (Rollo
 		return Rollout{}, fmt.Errorf("firmware %s %s: %w", spec.Model, spec.Version, err)
 	}
 	now := c.clock.Now()
+	if err := manifestFresh(m, spec, now); err != nil {
+		return Rollout{}, err
+	}
 	var out Rollout
 	shas := make(map[string]bool)
 	err = c.txn(func(p *pending, cm *commit) error {
@@ -164,10 +168,52 @@ func (c *Controller) afterChange(r *rollout, now time.Time, p *pending, cm *comm
 	if c.open[r.rec.Model] != r {
 		return
 	}
+	c.stopIfExpired(r, now, p)
 	c.maybeAdvance(r, now, p)
 	c.maybeComplete(r, now, p)
 	if c.open[r.rec.Model] == r {
 		c.fill(r, now, p, cm)
+	}
+}
+
+// jobSpan is how long one job may take when each phase runs to its timeout: the manifest
+// offered must stay valid that long, or the device may refuse it halfway.
+func jobSpan(s RolloutSpec) time.Duration {
+	return s.TimeoutOffered.D() + s.TimeoutDownloading.D() + s.TimeoutInstalling.D()
+}
+
+// manifestFresh returns ErrExpired when m has expired at now, or expires before a job offered
+// now could finish under the spec's timeouts.
+func manifestFresh(m protocol.Manifest, s RolloutSpec, now time.Time) error {
+	exp, err := m.ExpiresAt()
+	if err != nil {
+		return fmt.Errorf("%w: %s %s: %v", ErrExpired, m.Model, m.Version, err)
+	}
+	switch {
+	case exp.IsZero():
+		return nil
+	case !now.Before(exp):
+		return fmt.Errorf("%w: %s %s expired at %s; add it again with a later --expires", ErrExpired, m.Model, m.Version, m.Expires)
+	case now.Add(jobSpan(s)).After(exp):
+		return fmt.Errorf("%w: %s %s expires at %s, before a job offered now could finish (its phase timeouts add up to %v); add it again with a later --expires",
+			ErrExpired, m.Model, m.Version, m.Expires, jobSpan(s))
+	}
+	return nil
+}
+
+// stopIfExpired pauses an active rollout whose release can no longer be offered: devices
+// refuse an expired manifest, so every offer would be a failure charged to the device.
+// Devices already at work finish or time out as usual.
+func (c *Controller) stopIfExpired(r *rollout, now time.Time, p *pending) {
+	if r.rec.State != RolloutActive {
+		return
+	}
+	m, err := c.manifest(r)
+	if err != nil {
+		return
+	}
+	if err := manifestFresh(m, r.rec.Spec, now); err != nil {
+		c.setRolloutState(p, r, RolloutPaused, err.Error(), now)
 	}
 }
 
@@ -450,6 +496,18 @@ func (c *Controller) ResumeRollout(id string) (Rollout, error) {
 		case RolloutPaused:
 		default:
 			return fmt.Errorf("%w: rollout %s is %s", ErrConflict, id, r.rec.State)
+		}
+		// The release may have been added again with a later expiry since it was cached.
+		r.manifest = nil
+		m, err := c.manifest(r)
+		if err != nil {
+			return err
+		}
+		if m.SHA256 != r.rec.SHA256 {
+			return fmt.Errorf("%w: %s %s now has other bytes than rollout %s", ErrConflict, r.rec.Model, r.rec.Version, id)
+		}
+		if err := manifestFresh(m, r.rec.Spec, now); err != nil {
+			return err
 		}
 		r.rec.AbortBase = make([][2]int, len(r.waves))
 		for i := range r.waves {
