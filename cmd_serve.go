@@ -19,6 +19,7 @@ func runServe(args []string, stdout io.Writer) error {
 	apiAddr := fs.String("api", "127.0.0.1:8080", "admin HTTPS API listen address")
 	level := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	deviceRate := fs.Int64("device-rate", 0, "bytes per second of chunks served to one device at most (0: no cap)")
+	unreachable := fs.Duration("unreachable-after", 24*time.Hour, "a device of a rollout offline this long ends 'unreachable', so the rollout can finish")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -31,6 +32,9 @@ func runServe(args []string, stdout io.Writer) error {
 	if *deviceRate < 0 {
 		return usagef("serve: --device-rate must not be negative")
 	}
+	if *unreachable <= 0 {
+		return usagef("serve: --unreachable-after must be positive")
+	}
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
 		return usagef("serve: bad --log-level %q", *level)
@@ -41,7 +45,7 @@ func runServe(args []string, stdout io.Writer) error {
 	defer stop()
 	srv, err := startServer(serverConfig{
 		DataDir: *data, CertsDir: *certsDir, MQTTAddr: *mqttAddr, APIAddr: *apiAddr, Logger: logger,
-		DeviceRate: *deviceRate,
+		DeviceRate: *deviceRate, UnreachableAfter: *unreachable,
 	})
 	if err != nil {
 		return err

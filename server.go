@@ -29,6 +29,8 @@ type serverConfig struct {
 	Logger   *slog.Logger
 	// DeviceRate caps the chunk bytes per second served to one device; 0: no cap.
 	DeviceRate int64
+	// UnreachableAfter: see controller.Options; 0 means its default.
+	UnreachableAfter time.Duration
 }
 
 // server is the broker, controller and admin API wired together over one state file.
@@ -134,6 +136,7 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	}
 	ctrl, err = controller.New(controller.Options{
 		DB: s.db, Publisher: s.broker, Firmware: firmwareSource{s.store}, Deltas: s.patcher, Logger: log,
+		UnreachableAfter: cfg.UnreachableAfter, Revoked: revoked.Revoked,
 	})
 	if err != nil {
 		return nil, err
@@ -185,6 +188,7 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	go func() {
 		defer close(s.watchDone)
 		revoked.Watch(ctx, time.Second, func(id string) {
+			ctrl.DeviceRevoked(id) // its job ends at once: the rollout does not wait for it
 			if s.broker.Disconnect(id) {
 				log.Info("revoked device disconnected", "device", id)
 			}

@@ -605,10 +605,13 @@ func (c *Controller) handleStatus(id string, st protocol.Status) error {
 
 // reconcile brings a member's job in line with the status the device reports.
 func (c *Controller) reconcile(r *rollout, ds *devState, st protocol.Status, now time.Time, p *pending, cm *commit) {
+	order, _ := protocol.CompareVersions(ds.d.Version, r.rec.Version)
+	if ds.done == JobUnreachable && order < 0 {
+		c.reopenUnreachable(p, r, ds, now)
+	}
 	if ds.done != "" {
 		return
 	}
-	order, _ := protocol.CompareVersions(ds.d.Version, r.rec.Version)
 	j := ds.job
 	switch {
 	case order == 0:

@@ -21,6 +21,9 @@ import (
 
 // stateIdx numbers the job states for the count arrays.
 var stateIdx = func() map[string]int {
+	if len(JobStates) != nStates {
+		panic("controller: nStates does not match JobStates")
+	}
 	m := make(map[string]int, len(JobStates))
 	for i, s := range JobStates {
 		m[s] = i
@@ -44,6 +47,8 @@ type devState struct {
 	// queued: in the rollout's offer queue. reserved: holds a concurrency slot before its
 	// offer is out (jitter delay, patch being made).
 	queued, reserved bool
+	// revoked: the device's certificate is revoked; no rollout selects it again.
+	revoked bool
 }
 
 func (ds *devState) hasJob() bool { return ds.job != nil || ds.done != "" }
@@ -78,6 +83,11 @@ type waveState struct {
 	counts  [nStates]int
 }
 
+// excused counts the wave's devices that went away (revoked, unreachable).
+func (w *waveState) excused() int {
+	return w.counts[stateIdx[JobSkipped]] + w.counts[stateIdx[JobUnreachable]]
+}
+
 func (w *waveState) finished() (failed, finished int) {
 	f := w.counts[stateIdx[JobFailed]]
 	return f, f + w.counts[stateIdx[JobInstalled]]
@@ -105,6 +115,7 @@ type rollout struct {
 	paused   atomic.Bool
 	winOpen  bool
 	winSince time.Time
+	swept    time.Time // last sweepGone
 }
 
 func newRollout(rec rolloutRecord) (*rollout, error) {
@@ -169,7 +180,7 @@ func (r *rollout) member(ds *devState) bool {
 	if ds.hasJob() {
 		return true
 	}
-	return ds.d.Version != "" && r.matches(ds) && r.olderThanTarget(ds.d.Version)
+	return !ds.revoked && ds.d.Version != "" && r.matches(ds) && r.olderThanTarget(ds.d.Version)
 }
 
 // waveOf returns the wave of a hash position.

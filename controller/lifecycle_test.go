@@ -3,7 +3,9 @@ package controller
 import (
 	"context"
 	"errors"
+	"maps"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -166,4 +168,130 @@ func TestReleaseExpiringMidRollout(t *testing.T) {
 		t.Fatalf("resume after the release was extended: got %s (%v), want active", got.State, err)
 	}
 	h.waitFor("the third offer", func() bool { return h.offersTo(ids) == 3 })
+}
+
+// revocations is a revocation list a test changes as it goes.
+type revocations struct {
+	mu  sync.Mutex
+	ids map[string]bool
+}
+
+func (r *revocations) revoked(id string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ids[id]
+}
+
+func (r *revocations) revoke(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.ids == nil {
+		r.ids = make(map[string]bool)
+	}
+	r.ids[id] = true
+}
+
+// TestRolloutEndsWithoutVanishedDevices: revoked devices' jobs end skipped at once, devices
+// offline longer than UnreachableAfter end unreachable, and the rollout completes with those
+// counts; every ended job carries a reason, and the job list holds every member. A device
+// that comes back after it was found unreachable gets its job again.
+func TestRolloutEndsWithoutVanishedDevices(t *testing.T) {
+	var rev revocations
+	h := newHarness(t, func(o *Options) { o.UnreachableAfter = 2 * time.Hour; o.Revoked = rev.revoked })
+	ids := h.fleet("d", 10)
+	r := h.create(RolloutSpec{MaxConcurrent: 2})
+	if jobs := mustJobs(t, h, r.ID); len(jobs) != len(ids) {
+		t.Fatalf("got %d jobs listed, want every one of the %d members", len(jobs), len(ids))
+	}
+	offered, pending := h.devicesIn(r.ID, JobOffered), h.devicesIn(r.ID, JobPending)
+	if len(offered) != 2 || len(pending) != 8 {
+		t.Fatalf("got %d offered and %d pending, want 2 and 8", len(offered), len(pending))
+	}
+	// Revoked: one at work, two never offered. Gone silent: one at work, one never offered.
+	for _, id := range []string{offered[0], pending[0], pending[1]} {
+		rev.revoke(id)
+		h.c.DeviceRevoked(id)
+	}
+	silent := []string{offered[1], pending[2]}
+	for _, id := range silent {
+		h.c.DeviceDisconnected(id)
+	}
+	if got := h.rollout(r.ID); got.Counts[JobSkipped] != 3 {
+		t.Fatalf("got counts %v, want 3 skipped at once", got.Counts)
+	}
+	for installed := 0; ; installed++ {
+		var next []string
+		for _, id := range h.devicesIn(r.ID, JobOffered) {
+			if id != offered[1] {
+				next = append(next, id)
+			}
+		}
+		if len(next) == 0 {
+			if installed != 5 {
+				t.Fatalf("installed %d devices, want 5", installed)
+			}
+			break
+		}
+		h.install(r.ID, next[0])
+	}
+	if got := h.rollout(r.ID); got.State != RolloutActive {
+		t.Fatalf("got %s, want active while two devices may still come back", got.State)
+	}
+
+	h.tick(t0.Add(2*time.Hour + time.Minute))
+	got := h.rollout(r.ID)
+	want := map[string]int{JobInstalled: 5, JobSkipped: 3, JobUnreachable: 2}
+	if got.State != RolloutCompleted || !maps.Equal(got.Counts, want) {
+		t.Fatalf("got %s %v, want completed %v", got.State, got.Counts, want)
+	}
+	if want := "5 installed, 0 failed, 3 skipped, 2 unreachable"; got.Reason != want {
+		t.Errorf("got reason %q, want %q", got.Reason, want)
+	}
+	jobs := mustJobs(t, h, r.ID)
+	if len(jobs) != got.Devices {
+		t.Errorf("got %d jobs listed, want %d, the rollout's devices", len(jobs), got.Devices)
+	}
+	for _, j := range jobs {
+		switch {
+		case !Terminal(j.State):
+			t.Errorf("device %s: got %s, want a finished job", j.Device, j.State)
+		case j.State != JobInstalled && j.Reason == "":
+			t.Errorf("device %s: %s without a reason", j.Device, j.State)
+		case j.State == JobSkipped && j.Reason != "revoked":
+			t.Errorf("device %s: got reason %q, want revoked", j.Device, j.Reason)
+		case j.State == JobUnreachable && !strings.HasPrefix(j.Reason, "unreachable: offline since "):
+			t.Errorf("device %s: got reason %q, want unreachable: offline since ...", j.Device, j.Reason)
+		}
+	}
+
+	h.status(silent[1], "7.27.0") // back
+	if got := h.rollout(r.ID); got.State != RolloutActive {
+		t.Fatalf("got %s after an unreachable device came back, want active", got.State)
+	}
+	h.waitOffer(silent[1], 1)
+}
+
+// TestRevokedWhileDown: a device revoked while the server was down is skipped at the first
+// tick after the start, and a new rollout does not select it.
+func TestRevokedWhileDown(t *testing.T) {
+	var rev revocations
+	h := newHarness(t, func(o *Options) { o.Revoked = rev.revoked })
+	h.fleet("d", 2)
+	r := h.create(RolloutSpec{MaxConcurrent: 1})
+	if err := h.c.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rev.revoke("d-000")
+	rev.revoke("d-001")
+	h.start()
+	h.tick(t0.Add(time.Second))
+	if got := h.rollout(r.ID); got.State != RolloutCompleted || got.Counts[JobSkipped] != 2 {
+		t.Fatalf("got %s %v, want completed with 2 skipped", got.State, got.Counts)
+	}
+	if _, err := h.c.CancelRollout(r.ID); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.create(RolloutSpec{}); got.Devices != 0 {
+		t.Errorf("got %d devices in a new rollout, want 0: both are revoked", got.Devices)
+	}
 }

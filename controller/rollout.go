@@ -59,7 +59,11 @@ func (c *Controller) CreateRollout(ctx context.Context, spec RolloutSpec) (Rollo
 		}
 		var positions []uint64
 		for _, ds := range c.devList {
-			if ds.d.Model == spec.Model && ds.d.Version != "" && r.matches(ds) && r.olderThanTarget(ds.d.Version) {
+			if ds.d.Model == spec.Model && !ds.revoked && c.opts.Revoked(ds.d.ID) {
+				// Revoked while the server was down, or before it ever saw the revocation.
+				c.change(ds, func() { ds.revoked = true })
+			}
+			if ds.d.Model == spec.Model && !ds.revoked && ds.d.Version != "" && r.matches(ds) && r.olderThanTarget(ds.d.Version) {
 				positions = append(positions, ds.pos)
 				if ds.d.SHA256 != "" {
 					shas[ds.d.SHA256] = true
@@ -241,7 +245,8 @@ func (c *Controller) accepting(r *rollout, now time.Time) bool {
 // gateMet reports whether wave w has the share of its devices installed that the gate asks.
 func (r *rollout) gateMet(w int) bool {
 	ws := &r.waves[w]
-	need := int(math.Ceil(r.rec.Spec.Gate / 100 * float64(ws.members)))
+	// Devices that went away cannot install; the gate judges the ones that can.
+	need := int(math.Ceil(r.rec.Spec.Gate / 100 * float64(ws.members-ws.excused())))
 	return ws.counts[stateIdx[JobInstalled]] >= need
 }
 
@@ -295,9 +300,20 @@ func (c *Controller) maybeComplete(r *rollout, now time.Time, p *pending) {
 		if r.rec.WavesStarted < len(r.waves) || members == 0 {
 			return
 		}
-		done := counts[stateIdx[JobInstalled]] + counts[stateIdx[JobFailed]] + counts[stateIdx[JobCanceled]]
+		done := 0
+		for i, s := range JobStates {
+			if Terminal(s) {
+				done += counts[i]
+			}
+		}
 		if done == members {
-			c.setRolloutState(p, r, RolloutCompleted, fmt.Sprintf("%d installed, %d failed", counts[stateIdx[JobInstalled]], counts[stateIdx[JobFailed]]), now)
+			reason := fmt.Sprintf("%d installed, %d failed", counts[stateIdx[JobInstalled]], counts[stateIdx[JobFailed]])
+			for _, s := range []string{JobSkipped, JobUnreachable} {
+				if n := counts[stateIdx[s]]; n > 0 {
+					reason += fmt.Sprintf(", %d %s", n, s)
+				}
+			}
+			c.setRolloutState(p, r, RolloutCompleted, reason, now)
 		}
 	case RolloutCanceling:
 		if counts[stateIdx[JobVerifying]]+counts[stateIdx[JobInstalling]] == 0 {
@@ -405,6 +421,7 @@ func (c *Controller) tickRollout(r *rollout, now time.Time, p *pending, cm *comm
 	for ds := range r.active {
 		c.checkTimeout(r, ds, now, p)
 	}
+	c.sweepGone(r, now, p)
 	for ds, at := range r.jitter {
 		if at.After(now) {
 			continue
@@ -428,6 +445,83 @@ func (c *Controller) tickRollout(r *rollout, now time.Time, p *pending, cm *comm
 		}
 	}
 	c.afterChange(r, now, p, cm)
+}
+
+// sweepEvery is how often a rollout's members are scanned for devices that went away: a scan
+// costs a pass over the model's devices, and an hour's precision on a day is plenty.
+const sweepEvery = time.Minute
+
+// sweepGone ends the jobs of members that will not come back in time: revoked devices
+// (skipped) and devices offline for longer than Options.UnreachableAfter (unreachable), so
+// that the rollout can finish without them. Revocations while the server runs arrive by
+// DeviceRevoked at once; the sweep finds those made while it was down.
+func (c *Controller) sweepGone(r *rollout, now time.Time, p *pending) {
+	if r.rec.State != RolloutActive && r.rec.State != RolloutPaused || now.Before(r.swept.Add(sweepEvery)) {
+		return
+	}
+	r.swept = now
+	gone := now.Add(-c.opts.UnreachableAfter)
+	c.eachMember(r, func(ds *devState) {
+		switch {
+		case ds.done != "":
+		case ds.revoked || c.opts.Revoked(ds.d.ID):
+			c.endGone(p, r, ds, JobSkipped, "revoked", now)
+			c.change(ds, func() { ds.revoked = true })
+		case !ds.d.Online && ds.d.LastSeen.Before(gone):
+			c.endGone(p, r, ds, JobUnreachable, fmt.Sprintf("unreachable: offline since %s (over %v)",
+				ds.d.LastSeen.UTC().Format(time.RFC3339), c.opts.UnreachableAfter), now)
+		}
+	})
+}
+
+// endGone ends the job of a member that went away, creating the job first if the device
+// was never offered one, so that every member's end is stored with its reason.
+func (c *Controller) endGone(p *pending, r *rollout, ds *devState, state, reason string, now time.Time) {
+	if ds.queued || ds.reserved {
+		// Taken out of the offer queue and the jitter wait; a patch in the making finds
+		// the job ended when it is ready.
+		delete(r.jitter, ds)
+		c.change(ds, func() { ds.reserved = false })
+	}
+	if ds.job == nil {
+		c.newJob(r, ds, now)
+	}
+	c.endJob(p, ds, state, reason, now)
+}
+
+// reopenUnreachable gives a device back its place in the rollout when it returns after its
+// job ended unreachable: a fresh job, pending, and the rollout active again if it had
+// completed without it.
+func (c *Controller) reopenUnreachable(p *pending, r *rollout, ds *devState, now time.Time) {
+	c.change(ds, func() { ds.done = "" })
+	c.newJob(r, ds, now)
+	p.add(putJobFn(*ds.job))
+	c.logEvent(p, r, Event{Time: now, Device: ds.d.ID, From: JobUnreachable, To: JobPending, Reason: "device came back"}, now)
+	if r.rec.State == RolloutCompleted {
+		c.setRolloutState(p, r, RolloutActive, "device "+ds.d.ID+" came back", now)
+	}
+}
+
+// DeviceRevoked ends the job of a device whose certificate was just revoked: it cannot
+// connect again, so the rollout does not wait for it; no later rollout selects it.
+func (c *Controller) DeviceRevoked(id string) {
+	now := c.clock.Now()
+	err := c.txn(func(p *pending, cm *commit) error {
+		ds := c.devs[id]
+		if ds == nil {
+			return nil
+		}
+		if r := c.open[ds.d.Model]; r != nil && ds.wave >= 0 && ds.done == "" &&
+			r.rec.State != RolloutCanceling && r.rec.State != RolloutCompleted {
+			c.endGone(p, r, ds, JobSkipped, "revoked", now)
+			c.afterChange(r, now, p, cm)
+		}
+		c.change(ds, func() { ds.revoked = true })
+		return nil
+	})
+	if err != nil {
+		c.log.Error("end revoked device's job", "device", id, "err", err)
+	}
 }
 
 // checkTimeout times out a job that spent too long in its phase. Deadlines count from the
@@ -703,8 +797,9 @@ func (c *Controller) GetRollout(id string) (RolloutDetail, error) {
 	return RolloutDetail{Rollout: r, Jobs: jobs}, err
 }
 
-// Jobs returns the jobs of a rollout that q selects, sorted by device id. Devices of the
-// rollout that were never offered have no job yet.
+// Jobs returns the jobs of a rollout that q selects, sorted by device id. A member of an open
+// rollout that was never offered has no stored job yet; it is listed all the same, pending
+// (or canceled), so that the list agrees with the rollout's counts.
 func (c *Controller) Jobs(id string, q JobQuery) ([]Job, error) {
 	if q.State != "" {
 		if _, ok := stateIdx[q.State]; !ok {
@@ -714,6 +809,7 @@ func (c *Controller) Jobs(id string, q JobQuery) ([]Job, error) {
 	if err := c.sync(); err != nil {
 		return nil, err
 	}
+	unstored := c.unstoredJobs(id, q)
 	out := []Job{}
 	err := c.db.View(func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketRollouts).Get([]byte(id)) == nil {
@@ -726,7 +822,62 @@ func (c *Controller) Jobs(id string, q JobQuery) ([]Job, error) {
 			return q.Limit <= 0 || len(out) < q.Limit, nil
 		})
 	})
-	return out, err
+	if err != nil || len(unstored) == 0 {
+		return out, err
+	}
+	// Both lists are sorted by device id and hold at most Limit jobs each, so the first Limit
+	// of their union are among them. A device offered since the snapshot is in both: the
+	// stored job wins.
+	merged := make([]Job, 0, len(out)+len(unstored))
+	for i, k := 0, 0; i < len(out) || k < len(unstored); {
+		switch {
+		case k == len(unstored) || i < len(out) && out[i].Device < unstored[k].Device:
+			merged = append(merged, out[i])
+			i++
+		case i == len(out) || unstored[k].Device < out[i].Device:
+			merged = append(merged, unstored[k])
+			k++
+		default:
+			merged = append(merged, out[i])
+			i, k = i+1, k+1
+		}
+	}
+	if q.Limit > 0 && len(merged) > q.Limit {
+		merged = merged[:q.Limit]
+	}
+	return merged, nil
+}
+
+// unstoredJobs describes the members of open rollout id that have no job yet, as q selects
+// them, sorted by device id.
+func (c *Controller) unstoredJobs(id string, q JobQuery) []Job {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	rec := c.rollouts[id]
+	if rec == nil {
+		return nil
+	}
+	r := c.open[rec.Model]
+	if r == nil || r.rec.ID != id {
+		return nil
+	}
+	var out []Job
+	c.eachMember(r, func(ds *devState) {
+		if ds.hasJob() || ds.d.ID <= q.After && q.After != "" {
+			return
+		}
+		st := r.stateOf(ds)
+		if q.State != "" && st != q.State {
+			return
+		}
+		out = append(out, Job{Rollout: id, Device: ds.d.ID, Wave: ds.wave, From: ds.d.Version, To: r.rec.Version,
+			State: st, Created: r.rec.Created, Updated: r.rec.Created})
+	})
+	slices.SortFunc(out, func(a, b Job) int { return cmp.Compare(a.Device, b.Device) })
+	if q.Limit > 0 && len(out) > q.Limit {
+		out = out[:q.Limit]
+	}
+	return out
 }
 
 // Events returns up to limit entries of a rollout's event log with a sequence number above
