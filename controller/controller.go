@@ -640,7 +640,13 @@ func (c *Controller) reconcile(r *rollout, ds *devState, st protocol.Status, now
 			return // reconnected while installing; the reboot is still to come
 		}
 		// The device rebooted on its old version: the install did not take.
-		c.endJob(p, ds, JobFailed, protocol.ReasonInstall+": device came back on "+ds.d.Version, now)
+		reason := protocol.ReasonInstall + ": device came back on " + ds.d.Version
+		if st.Job == j.ID && st.State == protocol.StateFailed {
+			// It failed the job, but its failed event, which carries the device's reason,
+			// was lost (the device stopped before it was acknowledged).
+			reason = protocol.ReasonInstall + ": device reports the job failed; its reason was lost with its failed event"
+		}
+		c.endJob(p, ds, JobFailed, reason, now)
 	case JobOffered, JobDownloading, JobVerifying:
 		// The device reconnected: offer the same job again, so it resumes the same transfer.
 		if o := c.offerMsg(r, ds, now); o != nil {

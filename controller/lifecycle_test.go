@@ -295,3 +295,22 @@ func TestRevokedWhileDown(t *testing.T) {
 		t.Errorf("got %d devices in a new rollout, want 0: both are revoked", got.Devices)
 	}
 }
+
+// TestLostFailedEventReason: a device that failed its install and whose failed event was lost
+// says so in its next status; the server's reason says that, not that the install did not
+// take after a reboot.
+func TestLostFailedEventReason(t *testing.T) {
+	h := newHarness(t)
+	h.fleet("d", 1)
+	r := h.create(RolloutSpec{})
+	j := h.job(r.ID, "d-000")
+	for i, st := range []string{protocol.StateDownloading, protocol.StateVerifying, protocol.StateInstalling} {
+		h.event("d-000", j.ID, uint64(i)+1, st)
+	}
+	h.send("d-000", protocol.SuffixStatus, protocol.Status{V: 1, Model: "primehub", Version: "7.27.0", State: protocol.StateFailed, Job: j.ID})
+	got := h.job(r.ID, "d-000")
+	want := "install: device reports the job failed; its reason was lost with its failed event"
+	if got.State != JobFailed || got.Reason != want {
+		t.Errorf("got %s %q, want failed %q", got.State, got.Reason, want)
+	}
+}
