@@ -468,6 +468,10 @@ func (c *Controller) DeviceConnected(id, model string) {
 			ds = &devState{d: Device{ID: id, Model: c.intern(model)}, pos: position(id), wave: -1}
 			c.addDevice(ds)
 		}
+		if ds.d.Model == "" && model != "" {
+			// Registered by its tags before it first connected.
+			c.change(ds, func() { ds.d.Model = c.intern(model) })
+		}
 		wasOnline := ds.d.Online
 		ds.d.Online, ds.d.LastSeen = true, now
 		p.add(putDeviceFn(ds.d))

@@ -144,6 +144,13 @@ func newRollout(rec rolloutRecord) (*rollout, error) {
 	return r, nil
 }
 
+// empty reports whether no device is part of the rollout: nothing would be lost if a newer
+// rollout of the model superseded it.
+func (r *rollout) empty() bool {
+	members, _ := r.totals()
+	return members == 0 && len(r.jitter) == 0
+}
+
 // matches reports whether the spec's selection picks d, whatever its version.
 func (r *rollout) matches(ds *devState) bool {
 	if ds.pos >= r.limit {

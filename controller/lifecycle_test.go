@@ -314,3 +314,45 @@ func TestLostFailedEventReason(t *testing.T) {
 		t.Errorf("got %s %q, want failed %q", got.State, got.Reason, want)
 	}
 }
+
+// TestTagBeforeFirstConnect: a device can be tagged before it ever connected; a rollout by
+// that tag picks it up once it reports. An invalid id is refused, not registered.
+func TestTagBeforeFirstConnect(t *testing.T) {
+	h := newHarness(t)
+	d, err := h.c.TagDevice("dev-0001", map[string]string{"site": "lab"})
+	if err != nil || d.Tags["site"] != "lab" {
+		t.Fatalf("got %+v (%v), want dev-0001 tagged site=lab", d, err)
+	}
+	if _, err := h.c.TagDevice("bad/id", map[string]string{"site": "lab"}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("bad id: got %v, want ErrInvalid", err)
+	}
+	if list, _ := h.c.ListDevices(); len(list) != 1 {
+		t.Errorf("got %d devices registered, want 1", len(list))
+	}
+	r := h.create(RolloutSpec{Tags: map[string]string{"site": "lab"}})
+	if r.Devices != 0 {
+		t.Fatalf("got %d devices, want 0 before the device reports", r.Devices)
+	}
+	h.c.DeviceConnected("dev-0001", "primehub")
+	h.status("dev-0001", "7.27.0")
+	h.waitOffer("dev-0001", 1)
+	if got, _ := h.c.GetDevice("dev-0001"); got.Model != "primehub" || got.Tags["site"] != "lab" {
+		t.Errorf("got %+v, want model primehub and the tag kept", got)
+	}
+}
+
+// TestEmptyRolloutDoesNotBlock: a rollout no device is part of does not hold its model: the
+// next rollout supersedes it. One with devices still conflicts.
+func TestEmptyRolloutDoesNotBlock(t *testing.T) {
+	h := newHarness(t)
+	r1 := h.create(RolloutSpec{})
+	r2 := h.create(RolloutSpec{Tags: map[string]string{"site": "lab"}})
+	if got := h.rollout(r1.ID); got.State != RolloutSuperseded {
+		t.Errorf("got %s, want %s by %s", got.State, RolloutSuperseded, r2.ID)
+	}
+	h.fleet("d", 1)
+	h.create(RolloutSpec{})
+	if _, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"}); !errors.Is(err, ErrConflict) {
+		t.Errorf("got %v, want ErrConflict while a device is at work", err)
+	}
+}

@@ -41,7 +41,7 @@ func (c *Controller) CreateRollout(ctx context.Context, spec RolloutSpec) (Rollo
 	shas := make(map[string]bool)
 	err = c.txn(func(p *pending, cm *commit) error {
 		prev := c.open[spec.Model]
-		if prev != nil && prev.rec.State != RolloutCompleted {
+		if prev != nil && prev.rec.State != RolloutCompleted && !prev.empty() {
 			return fmt.Errorf("%w: rollout %s of %s %s is still %s", ErrConflict, prev.rec.ID, prev.rec.Model, prev.rec.Version, prev.rec.State)
 		}
 		seq := c.nextSeq + 1
@@ -946,8 +946,9 @@ func (c *Controller) GetDevice(id string) (Device, error) {
 	return d, nil
 }
 
-// TagDevice sets tags of a registered device; an empty value removes the tag. A device whose
-// new tags match an open rollout joins it.
+// TagDevice sets tags of a device; an empty value removes the tag. A device whose new tags
+// match an open rollout joins it. A valid id never seen is registered with its tags, so that
+// devices can be tagged before they first connect; its model and version come with it.
 func (c *Controller) TagDevice(id string, tags map[string]string) (Device, error) {
 	if len(tags) == 0 {
 		return Device{}, fmt.Errorf("%w: no tags given", ErrInvalid)
@@ -962,7 +963,11 @@ func (c *Controller) TagDevice(id string, tags map[string]string) (Device, error
 	err := c.txn(func(p *pending, cm *commit) error {
 		ds := c.devs[id]
 		if ds == nil {
-			return fmt.Errorf("device %q: %w", id, ErrNotFound)
+			if err := protocol.ValidDeviceID(id); err != nil {
+				return fmt.Errorf("%w: %v", ErrInvalid, err)
+			}
+			ds = &devState{d: Device{ID: id}, pos: position(id), wave: -1}
+			c.addDevice(ds)
 		}
 		next := maps.Clone(ds.d.Tags)
 		if next == nil {
