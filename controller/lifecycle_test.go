@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -354,5 +355,35 @@ func TestEmptyRolloutDoesNotBlock(t *testing.T) {
 	h.create(RolloutSpec{})
 	if _, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"}); !errors.Is(err, ErrConflict) {
 		t.Errorf("got %v, want ErrConflict while a device is at work", err)
+	}
+}
+
+// TestJobsPagesEveryMember: pages of the job list hold stored jobs and never-offered members
+// alike, in device order, each once.
+func TestJobsPagesEveryMember(t *testing.T) {
+	h := newHarness(t)
+	ids := h.fleet("d", 7)
+	r := h.create(RolloutSpec{MaxConcurrent: 3})
+	var got []string
+	after := ""
+	for {
+		page, err := h.c.Jobs(r.ID, JobQuery{After: after, Limit: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(page) == 0 {
+			break
+		}
+		for _, j := range page {
+			got = append(got, j.Device)
+		}
+		after = page[len(page)-1].Device
+	}
+	if !slices.Equal(got, ids) {
+		t.Errorf("got %v, want %v", got, ids)
+	}
+	pending, err := h.c.Jobs(r.ID, JobQuery{State: JobPending})
+	if err != nil || len(pending) != 4 {
+		t.Errorf("got %d pending (%v), want 4", len(pending), err)
 	}
 }

@@ -870,8 +870,12 @@ func (c *Controller) unstoredJobs(id string, q JobQuery) []Job {
 		if q.State != "" && st != q.State {
 			return
 		}
-		out = append(out, Job{Rollout: id, Device: ds.d.ID, Wave: ds.wave, From: ds.d.Version, To: r.rec.Version,
-			State: st, Created: r.rec.Created, Updated: r.rec.Created})
+		j := Job{Rollout: id, Device: ds.d.ID, Wave: ds.wave, From: ds.d.Version, To: r.rec.Version,
+			State: st, Created: r.rec.Created, Updated: r.rec.Created}
+		if st == JobCanceled {
+			j.Reason = "rollout canceled"
+		}
+		out = append(out, j)
 	})
 	slices.SortFunc(out, func(a, b Job) int { return cmp.Compare(a.Device, b.Device) })
 	if q.Limit > 0 && len(out) > q.Limit {
