@@ -387,3 +387,24 @@ func TestJobsPagesEveryMember(t *testing.T) {
 		t.Errorf("got %d pending (%v), want 4", len(pending), err)
 	}
 }
+
+// TestUnreachableCountsFromStart: after the server was down longer than UnreachableAfter, the
+// devices are not found unreachable before they had that long to reconnect.
+func TestUnreachableCountsFromStart(t *testing.T) {
+	h := newHarness(t, func(o *Options) { o.UnreachableAfter = time.Hour })
+	h.fleet("d", 2)
+	r := h.create(RolloutSpec{MaxConcurrent: 1})
+	if err := h.c.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h.clock.Set(t0.Add(48 * time.Hour))
+	h.start()
+	h.tick(t0.Add(48*time.Hour + time.Second))
+	if got := h.rollout(r.ID); got.Counts[JobUnreachable] != 0 {
+		t.Fatalf("got %v right after the start, want nobody unreachable yet", got.Counts)
+	}
+	h.tick(t0.Add(49*time.Hour + time.Second))
+	if got := h.rollout(r.ID); got.State != RolloutCompleted || got.Counts[JobUnreachable] != 2 {
+		t.Errorf("got %s %v an hour after the start, want completed with 2 unreachable", got.State, got.Counts)
+	}
+}

@@ -461,6 +461,11 @@ func (c *Controller) sweepGone(r *rollout, now time.Time, p *pending) {
 	}
 	r.swept = now
 	gone := now.Add(-c.opts.UnreachableAfter)
+	// Offline time counts from the controller's start too: no device could reach a server
+	// that was down, and after a long outage they reconnect over the first minutes.
+	if !c.started.Before(gone) {
+		gone = time.Time{}
+	}
 	c.eachMember(r, func(ds *devState) {
 		switch {
 		case ds.done != "":
