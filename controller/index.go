@@ -85,7 +85,13 @@ type waveState struct {
 
 // excused counts the wave's devices that went away (revoked, unreachable).
 func (w *waveState) excused() int {
-	return w.counts[stateIdx[JobSkipped]] + w.counts[stateIdx[JobUnreachable]]
+	n := 0
+	for i, s := range JobStates {
+		if Excused(s) {
+			n += w.counts[i]
+		}
+	}
+	return n
 }
 
 func (w *waveState) finished() (failed, finished int) {

@@ -408,3 +408,22 @@ func TestUnreachableCountsFromStart(t *testing.T) {
 		t.Errorf("got %s %v an hour after the start, want completed with 2 unreachable", got.State, got.Counts)
 	}
 }
+
+// TestGateExcusesVanishedDevices: a wave's gate judges the devices that can still install; a
+// revoked one does not hold the next wave back.
+func TestGateExcusesVanishedDevices(t *testing.T) {
+	var rev revocations
+	h := newHarness(t, func(o *Options) { o.Revoked = rev.revoked })
+	h.fleet("d", 4)
+	r := h.create(RolloutSpec{Waves: []int{50, 100}, Gate: 100})
+	wave1 := h.devicesIn(r.ID, JobOffered)
+	if len(wave1) != 2 {
+		t.Fatalf("got %v offered, want the 2 devices of wave 1", wave1)
+	}
+	rev.revoke(wave1[0])
+	h.c.DeviceRevoked(wave1[0])
+	h.install(r.ID, wave1[1])
+	if got := h.rollout(r.ID); got.WavesStarted != 2 {
+		t.Errorf("got %d waves started, want 2: the only device of wave 1 that could install did", got.WavesStarted)
+	}
+}

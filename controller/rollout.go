@@ -308,8 +308,8 @@ func (c *Controller) maybeComplete(r *rollout, now time.Time, p *pending) {
 		}
 		if done == members {
 			reason := fmt.Sprintf("%d installed, %d failed", counts[stateIdx[JobInstalled]], counts[stateIdx[JobFailed]])
-			for _, s := range []string{JobSkipped, JobUnreachable} {
-				if n := counts[stateIdx[s]]; n > 0 {
+			for i, s := range JobStates {
+				if n := counts[i]; n > 0 && Excused(s) {
 					reason += fmt.Sprintf(", %d %s", n, s)
 				}
 			}
