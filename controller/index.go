@@ -154,7 +154,7 @@ func newRollout(rec rolloutRecord) (*rollout, error) {
 // rollout of the model superseded it.
 func (r *rollout) empty() bool {
 	members, _ := r.totals()
-	return members == 0 && len(r.jitter) == 0
+	return members == 0
 }
 
 // matches reports whether the spec's selection picks d, whatever its version.
