@@ -24,7 +24,7 @@ func runDeviceList(args []string, stdout io.Writer) error {
 		empty:  "no devices yet; a device registers when it first connects",
 		header: []string{"ID", "MODEL", "VERSION", "ONLINE", "LAST SEEN", "TAGS", "JOB"},
 		cells: func(d api.Device) []string {
-			return []string{deviceName(d), d.Model, orDash(d.Version), yesNo(d.Online), fmtTime(d.LastSeen), orDash(tagFlags(d.Tags).String()), orDash(d.Job)}
+			return []string{deviceName(d), orDash(d.Model), orDash(d.Version), yesNo(d.Online), fmtTime(d.LastSeen), orDash(tagFlags(d.Tags).String()), orDash(d.Job)}
 		},
 	})
 }
@@ -68,7 +68,7 @@ func deviceName(d api.Device) string {
 func printDevice(w io.Writer, d api.Device) error {
 	tw := newTable(w)
 	row(tw, "device", deviceName(d))
-	row(tw, "model", d.Model)
+	row(tw, "model", orDash(d.Model))
 	row(tw, "version", orDash(d.Version))
 	row(tw, "sha256", orDash(d.SHA256))
 	row(tw, "online", yesNo(d.Online))
@@ -129,7 +129,11 @@ func runDeviceTag(args []string, stdout io.Writer) error {
 		if *asJSON {
 			return printJSON(stdout, d)
 		}
-		_, err = fmt.Fprintf(stdout, "device %s tags: %s\n", clean(d.ID), orDash(clean(tagFlags(d.Tags).String())))
+		note := ""
+		if d.LastSeen.IsZero() {
+			note = " (not connected yet; rollouts select it by these tags once it reports its version)"
+		}
+		_, err = fmt.Fprintf(stdout, "device %s tags: %s%s\n", clean(d.ID), orDash(clean(tagFlags(d.Tags).String())), note)
 		return err
 	})
 }

@@ -23,6 +23,7 @@ func runServe(args []string, stdout io.Writer) error {
 	maxPendingSrc := fs.Int("max-pending-per-source", 0, "the same from one source address, an IPv6 /64 (0: default 1024, -1: no cap)")
 	acceptRate := fs.Int("accept-rate", 0, "connections accepted per second at most (0: default 5000, -1: no cap)")
 	acceptRateSrc := fs.Int("accept-rate-per-source", 0, "the same from one source address, an IPv6 /64 (0: default 2000, -1: no cap)")
+	unreachable := fs.Duration("unreachable-after", 24*time.Hour, "a device of a rollout offline this long ends 'unreachable', so the rollout can finish")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
@@ -40,6 +41,9 @@ func runServe(args []string, stdout io.Writer) error {
 	}
 	if *deviceRate < 0 {
 		return usagef("serve: --device-rate must not be negative")
+	}
+	if *unreachable <= 0 {
+		return usagef("serve: --unreachable-after must be positive")
 	}
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(*level)); err != nil {

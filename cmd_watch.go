@@ -79,7 +79,13 @@ type etaEstimate struct {
 }
 
 func finished(counts map[string]int) int {
-	return counts[controller.JobInstalled] + counts[controller.JobFailed] + counts[controller.JobCanceled]
+	n := 0
+	for s, k := range counts {
+		if controller.Terminal(s) {
+			n += k
+		}
+	}
+	return n
 }
 
 func (e *etaEstimate) add(now time.Time, r controller.Rollout) {
@@ -104,8 +110,8 @@ func (e *etaEstimate) left() time.Duration {
 	return time.Duration(float64(e.remaining) / e.rate * float64(time.Second)).Round(time.Second)
 }
 
-// watchFrame draws a rollout: a header, one bar per wave (installed '#', failed 'x', in
-// flight '>', waiting '.'), and counts per state.
+// watchFrame draws a rollout: a header, one bar per wave (installed '#', failed 'x', device
+// gone '-' (skipped or unreachable), in flight '>', waiting '.'), and counts per state.
 func watchFrame(r controller.Rollout, eta time.Duration, width int) string {
 	var b strings.Builder
 	etaText := "ETA unknown"
@@ -153,10 +159,11 @@ func bar(counts map[string]int, n, width int) string {
 	cells := func(k int) int { return (k*width + n/2) / n }
 	inst := cells(counts[controller.JobInstalled])
 	fail := cells(counts[controller.JobFailed] + counts[controller.JobCanceled])
+	gone := cells(counts[controller.JobSkipped] + counts[controller.JobUnreachable])
 	fly := cells(inFlight(counts))
-	if over := inst + fail + fly - width; over > 0 {
+	if over := inst + fail + gone + fly - width; over > 0 {
 		fly = max(0, fly-over)
 	}
-	rest := width - inst - fail - fly
-	return "[" + strings.Repeat("#", inst) + strings.Repeat("x", fail) + strings.Repeat(">", fly) + strings.Repeat(".", max(rest, 0)) + "]"
+	rest := width - inst - fail - gone - fly
+	return "[" + strings.Repeat("#", inst) + strings.Repeat("x", fail) + strings.Repeat("-", gone) + strings.Repeat(">", fly) + strings.Repeat(".", max(rest, 0)) + "]"
 }

@@ -29,6 +29,8 @@ type serverConfig struct {
 	Logger   *slog.Logger
 	// DeviceRate caps the chunk bytes per second served to one device; 0: no cap.
 	DeviceRate int64
+	// UnreachableAfter: see controller.Options; 0 means its default.
+	UnreachableAfter time.Duration
 	// Limits on the MQTT listener's unauthenticated connections; zero values: the defaults.
 	Limits connLimits
 }
@@ -142,6 +144,7 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	}
 	ctrl, err = controller.New(controller.Options{
 		DB: s.db, Publisher: s.broker, Firmware: firmwareSource{s.store}, Deltas: s.patcher, Logger: log,
+		UnreachableAfter: cfg.UnreachableAfter, Revoked: revoked.Revoked,
 	})
 	if err != nil {
 		return nil, err
@@ -196,6 +199,7 @@ func startServer(cfg serverConfig) (_ *server, err error) {
 	go func() {
 		defer close(s.watchDone)
 		revoked.Watch(ctx, time.Second, func(id string) {
+			ctrl.DeviceRevoked(id) // its job ends at once: the rollout does not wait for it
 			if s.broker.Disconnect(id) {
 				log.Info("revoked device disconnected", "device", id)
 			}
@@ -258,6 +262,7 @@ func (s *server) stats() map[string]any {
 		"controller": map[string]uint64{
 			"BadMessages": cs.BadMessages.Load(), "StaleEvents": cs.StaleEvents.Load(),
 			"Commits": cs.Commits.Load(), "Writes": cs.Writes.Load(), "FailedWrites": cs.FailedWrites.Load(),
+			"FailedCommits": cs.FailedCommits.Load(), "Reloads": cs.Reloads.Load(),
 		},
 	}
 }

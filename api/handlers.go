@@ -190,8 +190,11 @@ func (s *Server) classify(err error) (int, string) {
 		errors.Is(err, firmware.ErrBadNotes):
 		return http.StatusBadRequest, err.Error()
 	case errors.Is(err, controller.ErrConflict), errors.Is(err, firmware.ErrConflict),
-		errors.Is(err, firmware.ErrInUse):
+		errors.Is(err, firmware.ErrInUse), errors.Is(err, controller.ErrExpired):
 		return http.StatusConflict, err.Error()
+	case errors.Is(err, controller.ErrStateWrite):
+		// The controller words it without the state file's path; the change was not kept.
+		return http.StatusServiceUnavailable, err.Error()
 	}
 	return http.StatusInternalServerError, "internal server error; see the server log"
 }

@@ -282,6 +282,8 @@ func TestErrorMapping(t *testing.T) {
 		{"rollout of missing firmware", fmt.Errorf("firmware primehub 9.9.9: %w", firmware.ErrNotFound), nil, createRollout, 404, "firmware primehub 9.9.9: firmware not found"},
 		{"invalid rollout", fmt.Errorf("rollout: %w: model missing", controller.ErrInvalid), nil, createRollout, 400, "rollout: invalid request: model missing"},
 		{"rollout conflict", fmt.Errorf("rollout: %w: one is active", controller.ErrConflict), nil, createRollout, 409, "rollout: conflict: one is active"},
+		{"release expired", fmt.Errorf("%w: primehub 9.9.9 expired at 2025-01-01T00:00:00Z", controller.ErrExpired), nil, createRollout, 409, "release expired: primehub 9.9.9 expired at 2025-01-01T00:00:00Z"},
+		{"state write failed", fmt.Errorf("%w: no space left on device", controller.ErrStateWrite), nil, createRollout, 503, "state write failed: no space left on device"},
 		{"internal error hides detail", errors.New("bbolt: /var/lib/fota/state.db: corrupt"), nil, createRollout, 500, "internal server error; see the server log"},
 		{"list internal error", errors.New("bbolt: /var/lib/fota/state.db: corrupt"), nil, func() error { _, err := c.ListDevices(ctx); return err }, 500, "internal server error; see the server log"},
 		{"bad version", nil, nil, addFirmware("primehub", "1.x", "img"), 400, `invalid version "1.x": bad number "x"`},

@@ -47,6 +47,12 @@ type Options struct {
 	// RetryBackoff is the wait before the second offer of a job that timed out; it doubles
 	// with each attempt up to RetryBackoffMax, and half of it is random. Defaults 1m and 1h.
 	RetryBackoff, RetryBackoffMax time.Duration
+	// UnreachableAfter is how long a device of an open rollout may stay offline before its
+	// job ends unreachable, so that the rollout can finish without it; default 24h.
+	UnreachableAfter time.Duration
+	// Revoked reports whether a device's certificate is revoked; optional. Such a device's
+	// job ends skipped, and no new rollout selects it. DeviceRevoked tells of later ones.
+	Revoked func(id string) bool
 }
 
 func (o *Options) fill() error {
@@ -83,6 +89,12 @@ func (o *Options) fill() error {
 	}
 	if o.RetryBackoffMax < o.RetryBackoff {
 		o.RetryBackoffMax = max(time.Hour, o.RetryBackoff)
+	}
+	if o.UnreachableAfter <= 0 {
+		o.UnreachableAfter = 24 * time.Hour
+	}
+	if o.Revoked == nil {
+		o.Revoked = func(string) bool { return false }
 	}
 	return nil
 }
@@ -129,6 +141,10 @@ type Controller struct {
 	brokenMu  sync.Mutex
 	brokenErr error
 
+	// beforeCommit, when set, runs inside each state file transaction before its writes;
+	// an error fails the commit. Tests use it to make a state write fail on demand.
+	beforeCommit atomic.Pointer[func() error]
+
 	stats Stats
 }
 
@@ -139,6 +155,10 @@ type Stats struct {
 	Commits      atomic.Uint64 // state file transactions
 	Writes       atomic.Uint64 // transition writes in them
 	FailedWrites atomic.Uint64 // transitions lost to a failed commit
+	// FailedCommits counts state file transactions that failed (a full disk); after each the
+	// controller reloads its state from the file (Reloads) and decides again.
+	FailedCommits atomic.Uint64
+	Reloads       atomic.Uint64
 }
 
 // xfer is what a device may currently download; Transfer hands it to the chunk server.
@@ -399,13 +419,28 @@ func (c *Controller) reloadAfterFailure(cause error) {
 	barrier := newReq(nil)
 	c.writes <- barrier
 	<-barrier.fin
+	// Presence is not state the file can restore: the devices' connections outlived the
+	// failed commit, and a device marked offline would be offered nothing until it reconnects,
+	// which, with its connection up, may be never.
+	online := make(map[string]time.Time)
+	for _, ds := range c.devList {
+		if ds.d.Online {
+			online[ds.d.ID] = ds.d.LastSeen
+		}
+	}
 	c.reset()
 	c.nextSeq = 0
 	if err := c.load(); err != nil {
 		c.log.Error("reload state after failed commit; refusing changes", "err", err)
 		return
 	}
+	for id, seen := range online {
+		if ds := c.devs[id]; ds != nil {
+			ds.d.Online, ds.d.LastSeen = true, seen
+		}
+	}
 	c.restore(c.clock.Now())
+	c.stats.Reloads.Add(1)
 	c.broken = nil
 	c.brokenMu.Lock()
 	c.brokenErr = nil
@@ -432,6 +467,10 @@ func (c *Controller) DeviceConnected(id, model string) {
 			}
 			ds = &devState{d: Device{ID: id, Model: c.intern(model)}, pos: position(id), wave: -1}
 			c.addDevice(ds)
+		}
+		if ds.d.Model == "" && model != "" {
+			// Registered by its tags before it first connected.
+			c.change(ds, func() { ds.d.Model = c.intern(model) })
 		}
 		wasOnline := ds.d.Online
 		ds.d.Online, ds.d.LastSeen = true, now
@@ -570,10 +609,13 @@ func (c *Controller) handleStatus(id string, st protocol.Status) error {
 
 // reconcile brings a member's job in line with the status the device reports.
 func (c *Controller) reconcile(r *rollout, ds *devState, st protocol.Status, now time.Time, p *pending, cm *commit) {
+	order, _ := protocol.CompareVersions(ds.d.Version, r.rec.Version)
+	if ds.done == JobUnreachable && order < 0 {
+		c.reopenUnreachable(p, r, ds, now)
+	}
 	if ds.done != "" {
 		return
 	}
-	order, _ := protocol.CompareVersions(ds.d.Version, r.rec.Version)
 	j := ds.job
 	switch {
 	case order == 0:
@@ -602,10 +644,16 @@ func (c *Controller) reconcile(r *rollout, ds *devState, st protocol.Status, now
 			return // reconnected while installing; the reboot is still to come
 		}
 		// The device rebooted on its old version: the install did not take.
-		c.endJob(p, ds, JobFailed, protocol.ReasonInstall+": device came back on "+ds.d.Version, now)
+		reason := protocol.ReasonInstall + ": device came back on " + ds.d.Version
+		if st.Job == j.ID && st.State == protocol.StateFailed {
+			// It failed the job, but its failed event, which carries the device's reason,
+			// was lost (the device stopped before it was acknowledged).
+			reason = protocol.ReasonInstall + ": device reports the job failed; its reason was lost with its failed event"
+		}
+		c.endJob(p, ds, JobFailed, reason, now)
 	case JobOffered, JobDownloading, JobVerifying:
 		// The device reconnected: offer the same job again, so it resumes the same transfer.
-		if o := c.offerMsg(r, ds); o != nil {
+		if o := c.offerMsg(r, ds, now); o != nil {
 			cm.offers = append(cm.offers, *o)
 		}
 	case JobPending:
@@ -650,6 +698,10 @@ func (c *Controller) offer(r *rollout, ds *devState, now time.Time, p *pending, 
 		c.log.Error("offer", "rollout", r.rec.ID, "err", err)
 		return false
 	}
+	if err := manifestFresh(m, r.rec.Spec, now); err != nil {
+		c.stopIfExpired(r, now, p)
+		return false
+	}
 	if ds.job == nil {
 		c.newJob(r, ds, now)
 	}
@@ -668,7 +720,7 @@ func (c *Controller) offer(r *rollout, ds *devState, now time.Time, p *pending, 
 	})
 	ds.d.Job = ds.job.ID
 	p.add(putDeviceFn(ds.d))
-	offered, ok := c.chooseArtifact(ds, ds.job, m)
+	offered, ok := c.chooseArtifact(r, ds, ds.job, m, now)
 	if !ok {
 		// The patch for this device is being made; it is offered when ready, and holds its
 		// slot meanwhile.
@@ -687,12 +739,16 @@ func (c *Controller) offer(r *rollout, ds *devState, now time.Time, p *pending, 
 	return true
 }
 
-// offerMsg encodes the offer of ds's current job again (a device that reconnected).
-func (c *Controller) offerMsg(r *rollout, ds *devState) *offerMsg {
+// offerMsg encodes the offer of ds's current job again (a device that reconnected). A
+// manifest expired since is not sent: the phase timeout ends the job.
+func (c *Controller) offerMsg(r *rollout, ds *devState, now time.Time) *offerMsg {
 	j := ds.job
 	m, err := c.manifest(r)
 	if err != nil {
 		c.log.Error("offer", "rollout", r.rec.ID, "err", err)
+		return nil
+	}
+	if exp, _ := m.ExpiresAt(); !exp.IsZero() && !now.Before(exp) {
 		return nil
 	}
 	offered := m
@@ -700,6 +756,9 @@ func (c *Controller) offerMsg(r *rollout, ds *devState) *offerMsg {
 		dm, ready, err := c.opts.Deltas.Delta(ds.d.SHA256, m)
 		if err != nil || !ready || dm.Delta == nil || dm.Delta.PatchSHA256 != j.Artifact {
 			return nil // the job's patch is gone; the phase timeout retries it
+		}
+		if exp, _ := dm.ExpiresAt(); !exp.IsZero() && !now.Before(exp) {
+			return nil
 		}
 		offered = dm
 	}
@@ -731,9 +790,9 @@ func (c *Controller) manifest(r *rollout) (protocol.Manifest, error) {
 }
 
 // chooseArtifact decides what a job streams: a verified patch from the image the device runs
-// when one is ready and small enough, else the full image. It returns ok false while a patch
-// is being made.
-func (c *Controller) chooseArtifact(ds *devState, j *Job, full protocol.Manifest) (protocol.Manifest, bool) {
+// when one is ready, small enough and its manifest fresh for the job's span, else the full
+// image. It returns ok false while a patch is being made.
+func (c *Controller) chooseArtifact(r *rollout, ds *devState, j *Job, full protocol.Manifest, now time.Time) (protocol.Manifest, bool) {
 	j.Chunk = ds.d.MaxChunk
 	useFull := func() (protocol.Manifest, bool) {
 		j.Delta, j.Artifact, j.Size = false, full.SHA256, full.Size
@@ -755,6 +814,9 @@ func (c *Controller) chooseArtifact(ds *devState, j *Job, full protocol.Manifest
 		c.waiting[key][ds.d.ID] = true
 		return protocol.Manifest{}, false
 	case m.Delta == nil:
+		return useFull()
+	case manifestFresh(m, r.rec.Spec, now) != nil:
+		c.log.Debug("full image: the patch's manifest expires too soon", "device", ds.d.ID, "expires", m.Expires)
 		return useFull()
 	}
 	j.Delta, j.Artifact, j.Size = true, m.Delta.PatchSHA256, m.Delta.PatchSize
@@ -782,7 +844,13 @@ func (c *Controller) DeltaReady(base, target string) {
 			if err != nil {
 				return err
 			}
-			offered, ok := c.chooseArtifact(ds, ds.job, m)
+			if manifestFresh(m, r.rec.Spec, now) != nil {
+				// Not offered; the device waits in its job, pending, until the rollout resumes.
+				c.change(ds, func() { ds.reserved = false })
+				c.stopIfExpired(r, now, p)
+				continue
+			}
+			offered, ok := c.chooseArtifact(r, ds, ds.job, m, now)
 			if !ok {
 				continue
 			}

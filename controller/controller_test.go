@@ -24,6 +24,7 @@ type fakeFirmware struct {
 	model, version string
 	image          []byte
 	blobs          map[string][]byte // other artifacts by sha, e.g. patches
+	expires        string            // the manifest's expiry; empty: never
 }
 
 func (f *fakeFirmware) Manifest(model, version string) (protocol.Manifest, error) {
@@ -31,7 +32,7 @@ func (f *fakeFirmware) Manifest(model, version string) (protocol.Manifest, error
 		return protocol.Manifest{}, ErrNotFound
 	}
 	sum := sha256.Sum256(f.image)
-	return protocol.Manifest{V: 1, Model: model, Version: version, Counter: 2, Size: int64(len(f.image)), SHA256: hex.EncodeToString(sum[:])}, nil
+	return protocol.Manifest{V: 1, Model: model, Version: version, Counter: 2, Size: int64(len(f.image)), SHA256: hex.EncodeToString(sum[:]), Expires: f.expires}, nil
 }
 
 func (f *fakeFirmware) ReadAt(sha string, p []byte, off int64) (int, error) {

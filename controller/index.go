@@ -21,6 +21,9 @@ import (
 
 // stateIdx numbers the job states for the count arrays.
 var stateIdx = func() map[string]int {
+	if len(JobStates) != nStates {
+		panic("controller: nStates does not match JobStates")
+	}
 	m := make(map[string]int, len(JobStates))
 	for i, s := range JobStates {
 		m[s] = i
@@ -28,7 +31,7 @@ var stateIdx = func() map[string]int {
 	return m
 }()
 
-const nStates = 9
+const nStates = 11 // len(JobStates)
 
 // devState is one registered device.
 type devState struct {
@@ -44,6 +47,8 @@ type devState struct {
 	// queued: in the rollout's offer queue. reserved: holds a concurrency slot before its
 	// offer is out (jitter delay, patch being made).
 	queued, reserved bool
+	// revoked: the device's certificate is revoked; no rollout selects it again.
+	revoked bool
 }
 
 func (ds *devState) hasJob() bool { return ds.job != nil || ds.done != "" }
@@ -78,6 +83,17 @@ type waveState struct {
 	counts  [nStates]int
 }
 
+// excused counts the wave's devices that went away (revoked, unreachable).
+func (w *waveState) excused() int {
+	n := 0
+	for i, s := range JobStates {
+		if Excused(s) {
+			n += w.counts[i]
+		}
+	}
+	return n
+}
+
 func (w *waveState) finished() (failed, finished int) {
 	f := w.counts[stateIdx[JobFailed]]
 	return f, f + w.counts[stateIdx[JobInstalled]]
@@ -105,6 +121,7 @@ type rollout struct {
 	paused   atomic.Bool
 	winOpen  bool
 	winSince time.Time
+	swept    time.Time // last sweepGone
 }
 
 func newRollout(rec rolloutRecord) (*rollout, error) {
@@ -131,6 +148,13 @@ func newRollout(rec rolloutRecord) (*rollout, error) {
 		r.win = w
 	}
 	return r, nil
+}
+
+// empty reports whether no device is part of the rollout: nothing would be lost if a newer
+// rollout of the model superseded it.
+func (r *rollout) empty() bool {
+	members, _ := r.totals()
+	return members == 0
 }
 
 // matches reports whether the spec's selection picks d, whatever its version.
@@ -169,7 +193,7 @@ func (r *rollout) member(ds *devState) bool {
 	if ds.hasJob() {
 		return true
 	}
-	return ds.d.Version != "" && r.matches(ds) && r.olderThanTarget(ds.d.Version)
+	return !ds.revoked && ds.d.Version != "" && r.matches(ds) && r.olderThanTarget(ds.d.Version)
 }
 
 // waveOf returns the wave of a hash position.

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/fota-dev/fota/protocol"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -33,11 +34,14 @@ func (c *Controller) CreateRollout(ctx context.Context, spec RolloutSpec) (Rollo
 		return Rollout{}, fmt.Errorf("firmware %s %s: %w", spec.Model, spec.Version, err)
 	}
 	now := c.clock.Now()
+	if err := manifestFresh(m, spec, now); err != nil {
+		return Rollout{}, err
+	}
 	var out Rollout
 	shas := make(map[string]bool)
 	err = c.txn(func(p *pending, cm *commit) error {
 		prev := c.open[spec.Model]
-		if prev != nil && prev.rec.State != RolloutCompleted {
+		if prev != nil && prev.rec.State != RolloutCompleted && !prev.empty() {
 			return fmt.Errorf("%w: rollout %s of %s %s is still %s", ErrConflict, prev.rec.ID, prev.rec.Model, prev.rec.Version, prev.rec.State)
 		}
 		seq := c.nextSeq + 1
@@ -55,7 +59,11 @@ func (c *Controller) CreateRollout(ctx context.Context, spec RolloutSpec) (Rollo
 		}
 		var positions []uint64
 		for _, ds := range c.devList {
-			if ds.d.Model == spec.Model && ds.d.Version != "" && r.matches(ds) && r.olderThanTarget(ds.d.Version) {
+			if ds.d.Model == spec.Model && !ds.revoked && c.opts.Revoked(ds.d.ID) {
+				// Revoked while the server was down, or before it ever saw the revocation.
+				c.change(ds, func() { ds.revoked = true })
+			}
+			if ds.d.Model == spec.Model && !ds.revoked && ds.d.Version != "" && r.matches(ds) && r.olderThanTarget(ds.d.Version) {
 				positions = append(positions, ds.pos)
 				if ds.d.SHA256 != "" {
 					shas[ds.d.SHA256] = true
@@ -164,10 +172,52 @@ func (c *Controller) afterChange(r *rollout, now time.Time, p *pending, cm *comm
 	if c.open[r.rec.Model] != r {
 		return
 	}
+	c.stopIfExpired(r, now, p)
 	c.maybeAdvance(r, now, p)
 	c.maybeComplete(r, now, p)
 	if c.open[r.rec.Model] == r {
 		c.fill(r, now, p, cm)
+	}
+}
+
+// jobSpan is how long one job may take when each phase runs to its timeout: the manifest
+// offered must stay valid that long, or the device may refuse it halfway.
+func jobSpan(s RolloutSpec) time.Duration {
+	return s.TimeoutOffered.D() + s.TimeoutDownloading.D() + s.TimeoutInstalling.D()
+}
+
+// manifestFresh returns ErrExpired when m has expired at now, or expires before a job offered
+// now could finish under the spec's timeouts.
+func manifestFresh(m protocol.Manifest, s RolloutSpec, now time.Time) error {
+	exp, err := m.ExpiresAt()
+	if err != nil {
+		return fmt.Errorf("%w: %s %s: %v", ErrExpired, m.Model, m.Version, err)
+	}
+	switch {
+	case exp.IsZero():
+		return nil
+	case !now.Before(exp):
+		return fmt.Errorf("%w: %s %s expired at %s; add it again with a later --expires", ErrExpired, m.Model, m.Version, m.Expires)
+	case now.Add(jobSpan(s)).After(exp):
+		return fmt.Errorf("%w: %s %s expires at %s, before a job offered now could finish (its phase timeouts add up to %v); add it again with a later --expires",
+			ErrExpired, m.Model, m.Version, m.Expires, jobSpan(s))
+	}
+	return nil
+}
+
+// stopIfExpired pauses an active rollout whose release can no longer be offered: devices
+// refuse an expired manifest, so every offer would be a failure charged to the device.
+// Devices already at work finish or time out as usual.
+func (c *Controller) stopIfExpired(r *rollout, now time.Time, p *pending) {
+	if r.rec.State != RolloutActive {
+		return
+	}
+	m, err := c.manifest(r)
+	if err != nil {
+		return
+	}
+	if err := manifestFresh(m, r.rec.Spec, now); err != nil {
+		c.setRolloutState(p, r, RolloutPaused, err.Error(), now)
 	}
 }
 
@@ -195,7 +245,8 @@ func (c *Controller) accepting(r *rollout, now time.Time) bool {
 // gateMet reports whether wave w has the share of its devices installed that the gate asks.
 func (r *rollout) gateMet(w int) bool {
 	ws := &r.waves[w]
-	need := int(math.Ceil(r.rec.Spec.Gate / 100 * float64(ws.members)))
+	// Devices that went away cannot install; the gate judges the ones that can.
+	need := int(math.Ceil(r.rec.Spec.Gate / 100 * float64(ws.members-ws.excused())))
 	return ws.counts[stateIdx[JobInstalled]] >= need
 }
 
@@ -249,9 +300,20 @@ func (c *Controller) maybeComplete(r *rollout, now time.Time, p *pending) {
 		if r.rec.WavesStarted < len(r.waves) || members == 0 {
 			return
 		}
-		done := counts[stateIdx[JobInstalled]] + counts[stateIdx[JobFailed]] + counts[stateIdx[JobCanceled]]
+		done := 0
+		for i, s := range JobStates {
+			if Terminal(s) {
+				done += counts[i]
+			}
+		}
 		if done == members {
-			c.setRolloutState(p, r, RolloutCompleted, fmt.Sprintf("%d installed, %d failed", counts[stateIdx[JobInstalled]], counts[stateIdx[JobFailed]]), now)
+			reason := fmt.Sprintf("%d installed, %d failed", counts[stateIdx[JobInstalled]], counts[stateIdx[JobFailed]])
+			for i, s := range JobStates {
+				if n := counts[i]; n > 0 && Excused(s) {
+					reason += fmt.Sprintf(", %d %s", n, s)
+				}
+			}
+			c.setRolloutState(p, r, RolloutCompleted, reason, now)
 		}
 	case RolloutCanceling:
 		if counts[stateIdx[JobVerifying]]+counts[stateIdx[JobInstalling]] == 0 {
@@ -359,6 +421,7 @@ func (c *Controller) tickRollout(r *rollout, now time.Time, p *pending, cm *comm
 	for ds := range r.active {
 		c.checkTimeout(r, ds, now, p)
 	}
+	c.sweepGone(r, now, p)
 	for ds, at := range r.jitter {
 		if at.After(now) {
 			continue
@@ -382,6 +445,88 @@ func (c *Controller) tickRollout(r *rollout, now time.Time, p *pending, cm *comm
 		}
 	}
 	c.afterChange(r, now, p, cm)
+}
+
+// sweepEvery is how often a rollout's members are scanned for devices that went away: a scan
+// costs a pass over the model's devices, and an hour's precision on a day is plenty.
+const sweepEvery = time.Minute
+
+// sweepGone ends the jobs of members that will not come back in time: revoked devices
+// (skipped) and devices offline for longer than Options.UnreachableAfter (unreachable), so
+// that the rollout can finish without them. Revocations while the server runs arrive by
+// DeviceRevoked at once; the sweep finds those made while it was down.
+func (c *Controller) sweepGone(r *rollout, now time.Time, p *pending) {
+	if r.rec.State != RolloutActive && r.rec.State != RolloutPaused || now.Before(r.swept.Add(sweepEvery)) {
+		return
+	}
+	r.swept = now
+	gone := now.Add(-c.opts.UnreachableAfter)
+	// Offline time counts from the controller's start too: no device could reach a server
+	// that was down, and after a long outage they reconnect over the first minutes.
+	if !c.started.Before(gone) {
+		gone = time.Time{}
+	}
+	c.eachMember(r, func(ds *devState) {
+		switch {
+		case ds.done != "":
+		case ds.revoked || c.opts.Revoked(ds.d.ID):
+			c.endGone(p, r, ds, JobSkipped, "revoked", now)
+			c.change(ds, func() { ds.revoked = true })
+		case !ds.d.Online && ds.d.LastSeen.Before(gone):
+			c.endGone(p, r, ds, JobUnreachable, fmt.Sprintf("unreachable: offline since %s (over %v)",
+				ds.d.LastSeen.UTC().Format(time.RFC3339), c.opts.UnreachableAfter), now)
+		}
+	})
+}
+
+// endGone ends the job of a member that went away, creating the job first if the device
+// was never offered one, so that every member's end is stored with its reason.
+func (c *Controller) endGone(p *pending, r *rollout, ds *devState, state, reason string, now time.Time) {
+	if ds.queued || ds.reserved {
+		// Taken out of the offer queue and the jitter wait; a patch in the making finds
+		// the job ended when it is ready.
+		delete(r.jitter, ds)
+		c.change(ds, func() { ds.reserved = false })
+	}
+	if ds.job == nil {
+		c.newJob(r, ds, now)
+	}
+	c.endJob(p, ds, state, reason, now)
+}
+
+// reopenUnreachable gives a device back its place in the rollout when it returns after its
+// job ended unreachable: a fresh job, pending, and the rollout active again if it had
+// completed without it.
+func (c *Controller) reopenUnreachable(p *pending, r *rollout, ds *devState, now time.Time) {
+	c.change(ds, func() { ds.done = "" })
+	c.newJob(r, ds, now)
+	p.add(putJobFn(*ds.job))
+	c.logEvent(p, r, Event{Time: now, Device: ds.d.ID, From: JobUnreachable, To: JobPending, Reason: "device came back"}, now)
+	if r.rec.State == RolloutCompleted {
+		c.setRolloutState(p, r, RolloutActive, "device "+ds.d.ID+" came back", now)
+	}
+}
+
+// DeviceRevoked ends the job of a device whose certificate was just revoked: it cannot
+// connect again, so the rollout does not wait for it; no later rollout selects it.
+func (c *Controller) DeviceRevoked(id string) {
+	now := c.clock.Now()
+	err := c.txn(func(p *pending, cm *commit) error {
+		ds := c.devs[id]
+		if ds == nil {
+			return nil
+		}
+		if r := c.open[ds.d.Model]; r != nil && ds.wave >= 0 && ds.done == "" &&
+			r.rec.State != RolloutCanceling && r.rec.State != RolloutCompleted {
+			c.endGone(p, r, ds, JobSkipped, "revoked", now)
+			c.afterChange(r, now, p, cm)
+		}
+		c.change(ds, func() { ds.revoked = true })
+		return nil
+	})
+	if err != nil {
+		c.log.Error("end revoked device's job", "device", id, "err", err)
+	}
 }
 
 // checkTimeout times out a job that spent too long in its phase. Deadlines count from the
@@ -450,6 +595,18 @@ func (c *Controller) ResumeRollout(id string) (Rollout, error) {
 		case RolloutPaused:
 		default:
 			return fmt.Errorf("%w: rollout %s is %s", ErrConflict, id, r.rec.State)
+		}
+		// The release may have been added again with a later expiry since it was cached.
+		r.manifest = nil
+		m, err := c.manifest(r)
+		if err != nil {
+			return err
+		}
+		if m.SHA256 != r.rec.SHA256 {
+			return fmt.Errorf("%w: %s %s now has other bytes than rollout %s", ErrConflict, r.rec.Model, r.rec.Version, id)
+		}
+		if err := manifestFresh(m, r.rec.Spec, now); err != nil {
+			return err
 		}
 		r.rec.AbortBase = make([][2]int, len(r.waves))
 		for i := range r.waves {
@@ -645,8 +802,9 @@ func (c *Controller) GetRollout(id string) (RolloutDetail, error) {
 	return RolloutDetail{Rollout: r, Jobs: jobs}, err
 }
 
-// Jobs returns the jobs of a rollout that q selects, sorted by device id. Devices of the
-// rollout that were never offered have no job yet.
+// Jobs returns the jobs of a rollout that q selects, sorted by device id. A member of an open
+// rollout that was never offered has no stored job yet; it is listed all the same, pending
+// (or canceled), so that the list agrees with the rollout's counts.
 func (c *Controller) Jobs(id string, q JobQuery) ([]Job, error) {
 	if q.State != "" {
 		if _, ok := stateIdx[q.State]; !ok {
@@ -656,6 +814,7 @@ func (c *Controller) Jobs(id string, q JobQuery) ([]Job, error) {
 	if err := c.sync(); err != nil {
 		return nil, err
 	}
+	unstored := c.unstoredJobs(id, q)
 	out := []Job{}
 	err := c.db.View(func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketRollouts).Get([]byte(id)) == nil {
@@ -668,7 +827,66 @@ func (c *Controller) Jobs(id string, q JobQuery) ([]Job, error) {
 			return q.Limit <= 0 || len(out) < q.Limit, nil
 		})
 	})
-	return out, err
+	if err != nil || len(unstored) == 0 {
+		return out, err
+	}
+	// Both lists are sorted by device id and hold at most Limit jobs each, so the first Limit
+	// of their union are among them. A device offered since the snapshot is in both: the
+	// stored job wins.
+	merged := make([]Job, 0, len(out)+len(unstored))
+	for i, k := 0, 0; i < len(out) || k < len(unstored); {
+		switch {
+		case k == len(unstored) || i < len(out) && out[i].Device < unstored[k].Device:
+			merged = append(merged, out[i])
+			i++
+		case i == len(out) || unstored[k].Device < out[i].Device:
+			merged = append(merged, unstored[k])
+			k++
+		default:
+			merged = append(merged, out[i])
+			i, k = i+1, k+1
+		}
+	}
+	if q.Limit > 0 && len(merged) > q.Limit {
+		merged = merged[:q.Limit]
+	}
+	return merged, nil
+}
+
+// unstoredJobs describes the members of open rollout id that have no job yet, as q selects
+// them, sorted by device id.
+func (c *Controller) unstoredJobs(id string, q JobQuery) []Job {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	rec := c.rollouts[id]
+	if rec == nil {
+		return nil
+	}
+	r := c.open[rec.Model]
+	if r == nil || r.rec.ID != id {
+		return nil
+	}
+	var out []Job
+	c.eachMember(r, func(ds *devState) {
+		if ds.hasJob() || ds.d.ID <= q.After && q.After != "" {
+			return
+		}
+		st := r.stateOf(ds)
+		if q.State != "" && st != q.State {
+			return
+		}
+		j := Job{Rollout: id, Device: ds.d.ID, Wave: ds.wave, From: ds.d.Version, To: r.rec.Version,
+			State: st, Created: r.rec.Created, Updated: r.rec.Created}
+		if st == JobCanceled {
+			j.Reason = "rollout canceled"
+		}
+		out = append(out, j)
+	})
+	slices.SortFunc(out, func(a, b Job) int { return cmp.Compare(a.Device, b.Device) })
+	if q.Limit > 0 && len(out) > q.Limit {
+		out = out[:q.Limit]
+	}
+	return out
 }
 
 // Events returns up to limit entries of a rollout's event log with a sequence number above
@@ -737,8 +955,9 @@ func (c *Controller) GetDevice(id string) (Device, error) {
 	return d, nil
 }
 
-// TagDevice sets tags of a registered device; an empty value removes the tag. A device whose
-// new tags match an open rollout joins it.
+// TagDevice sets tags of a device; an empty value removes the tag. A device whose new tags
+// match an open rollout joins it. A valid id never seen is registered with its tags, so that
+// devices can be tagged before they first connect; its model and version come with it.
 func (c *Controller) TagDevice(id string, tags map[string]string) (Device, error) {
 	if len(tags) == 0 {
 		return Device{}, fmt.Errorf("%w: no tags given", ErrInvalid)
@@ -753,7 +972,11 @@ func (c *Controller) TagDevice(id string, tags map[string]string) (Device, error
 	err := c.txn(func(p *pending, cm *commit) error {
 		ds := c.devs[id]
 		if ds == nil {
-			return fmt.Errorf("device %q: %w", id, ErrNotFound)
+			if err := protocol.ValidDeviceID(id); err != nil {
+				return fmt.Errorf("%w: %v", ErrInvalid, err)
+			}
+			ds = &devState{d: Device{ID: id}, pos: position(id), wave: -1}
+			c.addDevice(ds)
 		}
 		next := maps.Clone(ds.d.Tags)
 		if next == nil {

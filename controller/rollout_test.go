@@ -53,7 +53,8 @@ func (h *harness) fleet(prefix string, n int) []string {
 	return ids
 }
 
-// jobOf returns the device's job in rollout id, and whether it has one.
+// jobOf returns the device's job in rollout id, and whether it has one: a member never
+// offered anything is listed pending, but has none.
 func (h *harness) jobOf(id, device string) (Job, bool) {
 	h.t.Helper()
 	jobs, err := h.c.Jobs(id, JobQuery{})
@@ -61,7 +62,7 @@ func (h *harness) jobOf(id, device string) (Job, bool) {
 		h.t.Fatal(err)
 	}
 	for _, j := range jobs {
-		if j.Device == device {
+		if j.Device == device && (j.Offers > 0 || j.State != JobPending) {
 			return j, true
 		}
 	}

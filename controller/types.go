@@ -14,6 +14,13 @@ var (
 	ErrNotFound = errors.New("not found")
 	ErrInvalid  = errors.New("invalid request")
 	ErrConflict = errors.New("conflict")
+	// ErrExpired is returned for a rollout of a release whose signed manifest has expired, or
+	// expires before a job could finish within the rollout's phase timeouts.
+	ErrExpired = errors.New("release expired")
+	// ErrStateWrite is returned when a change could not be written to the state file (a full
+	// disk, an I/O error). Nothing of the change was kept; the controller retries what it
+	// decides by itself, and the caller may retry the rest.
+	ErrStateWrite = errors.New("state write failed")
 	// ErrClosed is returned once Close has been called.
 	ErrClosed = errors.New("controller closed")
 )
@@ -61,13 +68,29 @@ const (
 	JobInstalled   = protocol.StateInstalled
 	JobFailed      = protocol.StateFailed // failed for good; Reason says why
 	JobCanceled    = "canceled"           // the rollout was canceled before the device installed
+	JobSkipped     = "skipped"            // the device's certificate was revoked: it cannot connect again
+	// JobUnreachable: the device stayed offline longer than Options.UnreachableAfter. It is
+	// not waited for; if it comes back on an older version, its job starts again.
+	JobUnreachable = "unreachable"
 )
 
 // JobStates lists every job state in the order a job moves through them.
-var JobStates = []string{JobPending, JobOffered, JobDownloading, JobVerifying, JobInstalling, JobTimedOut, JobInstalled, JobFailed, JobCanceled}
+var JobStates = []string{JobPending, JobOffered, JobDownloading, JobVerifying, JobInstalling, JobTimedOut, JobInstalled, JobFailed, JobCanceled, JobSkipped, JobUnreachable}
 
-// Terminal reports whether a job in state s is finished.
-func Terminal(s string) bool { return s == JobInstalled || s == JobFailed || s == JobCanceled }
+// Terminal reports whether a job in state s is finished. Every finished job carries a reason,
+// except an installed one.
+func Terminal(s string) bool {
+	switch s {
+	case JobInstalled, JobFailed, JobCanceled, JobSkipped, JobUnreachable:
+		return true
+	}
+	return false
+}
+
+// Excused reports whether a job in state s ended because its device went away rather than
+// by anything the update did: such devices neither count against a wave's gate nor hold the
+// rollout open.
+func Excused(s string) bool { return s == JobSkipped || s == JobUnreachable }
 
 // InFlight reports whether a job in state s holds one of the rollout's concurrent slots.
 func InFlight(s string) bool {
@@ -257,7 +280,7 @@ type Job struct {
 	Created  time.Time `json:"created"`
 	Offered  time.Time `json:"offered,omitzero"`  // latest offer
 	Started  time.Time `json:"started,omitzero"`  // first downloading event
-	Finished time.Time `json:"finished,omitzero"` // installed, failed or canceled
+	Finished time.Time `json:"finished,omitzero"` // when it reached a terminal state
 	RetryAt  time.Time `json:"retry_at,omitzero"` // when timed-out: next offer
 	Updated  time.Time `json:"updated"`           // latest transition or device event
 }

@@ -1,7 +1,9 @@
 package controller
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -115,6 +117,11 @@ func (c *Controller) writer() {
 			continue
 		}
 		err := c.db.Update(func(tx *bolt.Tx) error {
+			if hook := c.beforeCommit.Load(); hook != nil {
+				if err := (*hook)(); err != nil {
+					return err
+				}
+			}
 			for _, r := range batch {
 				for _, fn := range r.fns {
 					if err := fn(tx); err != nil {
@@ -127,8 +134,16 @@ func (c *Controller) writer() {
 		c.stats.Commits.Add(1)
 		c.stats.Writes.Add(uint64(n))
 		if err != nil {
-			err = fmt.Errorf("commit: %w", err)
+			c.stats.FailedCommits.Add(1)
 			c.log.Error("state file write failed; reloading state", "err", err)
+			// The caller (an operator, through the admin API) sees the cause without the state
+			// file's path.
+			cause := err
+			var pe *fs.PathError
+			if errors.As(err, &pe) {
+				cause = pe.Err
+			}
+			err = fmt.Errorf("%w: %v", ErrStateWrite, cause)
 			c.fail(err)
 		}
 		for _, r := range batch {

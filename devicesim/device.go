@@ -615,6 +615,9 @@ func (d *Device) serve(ctx context.Context, s *session) error {
 	for !d.reboot {
 		select {
 		case <-ctx.Done():
+			// A fleet stops as soon as its devices' own states say they are done; the event
+			// that told the server (a failure, say) may still be queued behind that.
+			d.flushEvents(context.Background(), s)
 			return ctx.Err()
 		case err := <-s.lost:
 			return fmt.Errorf("connection lost: %w", err)
@@ -628,14 +631,19 @@ func (d *Device) serve(ctx context.Context, s *session) error {
 			d.onTick(s, now)
 		}
 	}
-	// Paho may write DISCONNECT ahead of queued publishes; the last event before the reboot
-	// (installing) must not be lost that way.
+	d.flushEvents(ctx, s)
+	return nil
+}
+
+// flushEvents waits for the latest event's acknowledgement. Paho may write DISCONNECT ahead
+// of queued publishes; the last event before a reboot (installing) or a shutdown must not be
+// lost that way.
+func (d *Device) flushEvents(ctx context.Context, s *session) {
 	if s.last != nil {
 		if err := wait(ctx, s.last, ackTimeout); err != nil {
-			d.log.Warn("event before reboot not acknowledged", "err", err)
+			d.log.Warn("last event not acknowledged", "err", err)
 		}
 	}
-	return nil
 }
 
 // resume carries on with the download of j in a new session: the requests of the last one
