@@ -33,6 +33,9 @@ type Status struct {
 	// [MinChunkSize, MaxChunkSize]; 0 means the server's default. Offers use the smaller of it
 	// and the server's chunk size.
 	MaxChunk int `json:"max_chunk,omitempty"`
+	// Counter is the security counter of the installed image (its manifest's counter; a factory
+	// image's is set at manufacture). 0 means unknown.
+	Counter uint64 `json:"counter,omitempty"`
 }
 
 // Offer is what the server publishes on SuffixJob to ask a device to install a firmware.
