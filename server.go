@@ -247,6 +247,7 @@ func (s *server) stats() map[string]any {
 		"controller": map[string]uint64{
 			"BadMessages": cs.BadMessages.Load(), "StaleEvents": cs.StaleEvents.Load(),
 			"Commits": cs.Commits.Load(), "Writes": cs.Writes.Load(), "FailedWrites": cs.FailedWrites.Load(),
+			"ProtocolViolations": cs.ProtocolViolations.Load(), "DroppedLogEntries": cs.DroppedLogEntries.Load(),
 		},
 	}
 }
