@@ -263,6 +263,7 @@ func (s *server) stats() map[string]any {
 			"BadMessages": cs.BadMessages.Load(), "StaleEvents": cs.StaleEvents.Load(),
 			"Commits": cs.Commits.Load(), "Writes": cs.Writes.Load(), "FailedWrites": cs.FailedWrites.Load(),
 			"FailedCommits": cs.FailedCommits.Load(), "Reloads": cs.Reloads.Load(),
+			"ProtocolViolations": cs.ProtocolViolations.Load(), "DroppedLogEntries": cs.DroppedLogEntries.Load(),
 		},
 	}
 }

@@ -273,7 +273,7 @@ func TestDeleteFirmwareRealController(t *testing.T) {
 		return d.Jobs[0], d.Jobs[0].State == controller.JobOffered
 	})
 	for i, st := range []string{protocol.StateDownloading, protocol.StateVerifying, protocol.StateInstalling} {
-		device(protocol.SuffixEvent, protocol.Event{V: 1, Job: job.ID, Seq: uint64(i + 1), State: st})
+		device(protocol.SuffixEvent, protocol.Event{V: 1, Job: job.ID, Seq: uint64(i + 1), State: st, Bytes: job.Size})
 	}
 
 	// stillThere fails the test unless 7.28.0 is listed and its artifact reads back whole.

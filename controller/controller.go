@@ -117,6 +117,7 @@ type Controller struct {
 	open     map[string]*rollout       // model -> its open rollout
 	rollouts map[string]*rolloutRecord // every rollout; open ones are updated in open
 	strs     map[string]string
+	strsMax  int // intern table size that triggers its rebuild; see intern
 	nextSeq  uint64
 	// waiting holds the devices whose offer waits for a patch, by base+target sha.
 	waiting map[string]map[string]bool
@@ -145,7 +146,8 @@ type Controller struct {
 	// an error fails the commit. Tests use it to make a state write fail on demand.
 	beforeCommit atomic.Pointer[func() error]
 
-	stats Stats
+	stats  Stats
+	badLog sampledLog
 }
 
 // Stats counts what the controller dropped or stored. Chunks are counted by the chunk server.
@@ -159,6 +161,12 @@ type Stats struct {
 	// controller reloads its state from the file (Reloads) and decides again.
 	FailedCommits atomic.Uint64
 	Reloads       atomic.Uint64
+	// ProtocolViolations counts jobs failed because the device's reports did not add up (an
+	// install claimed before the download was verified, a byte count past the transfer).
+	ProtocolViolations atomic.Uint64
+	// DroppedLogEntries counts event log entries left out because their device had used its
+	// share of the rollout's log.
+	DroppedLogEntries atomic.Uint64
 }
 
 // xfer is what a device may currently download; Transfer hands it to the chunk server.
@@ -540,7 +548,7 @@ func (c *Controller) bad(device, suffix string, err error) {
 		return // shutting down; the device reports again to the next controller
 	}
 	c.stats.BadMessages.Add(1)
-	c.log.Warn("device message refused", "device", device, "topic", suffix, "err", err)
+	c.badLog.warn(c.log, "device message refused", "device", device, "topic", suffix, "err", err)
 }
 
 // change brackets a change to ds with its rollout's bookkeeping.
@@ -553,58 +561,6 @@ func (c *Controller) change(ds *devState, fn func()) {
 	if r2 := c.open[ds.d.Model]; r2 != nil {
 		r2.count(ds)
 	}
-}
-
-// handleStatus registers the device and reconciles its job with the version it runs: a
-// device back on the target version has installed it, one that needs the update is offered
-// it when its wave, the window and the limits allow.
-func (c *Controller) handleStatus(id string, st protocol.Status) error {
-	if err := protocol.ValidDeviceID(id); err != nil {
-		return fmt.Errorf("%w: %v", ErrInvalid, err)
-	}
-	if st.Model == "" {
-		return fmt.Errorf("%w: status without model", ErrInvalid)
-	}
-	v, err := protocol.ParseVersion(st.Version)
-	if err != nil {
-		return fmt.Errorf("%w: status: %v", ErrInvalid, err)
-	}
-	if len(st.SHA256) > 128 || len(st.Model) > 64 {
-		return fmt.Errorf("%w: status fields too long", ErrInvalid)
-	}
-	if m, ok := c.certModel.Load(id); ok && m.(string) != st.Model {
-		return fmt.Errorf("%w: status says model %q, certificate says %q", ErrInvalid, st.Model, m)
-	}
-	now := c.clock.Now()
-	return c.txn(func(p *pending, cm *commit) error {
-		ds := c.devs[id]
-		if ds == nil {
-			ds = &devState{d: Device{ID: id}, pos: position(id), wave: -1}
-			c.addDevice(ds)
-		}
-		if ds.d.Model != "" && ds.d.Model != st.Model && ds.hasJob() {
-			// A device whose model changed leaves its job in the old model's rollout.
-			c.endJob(p, ds, JobFailed, "device reports model "+st.Model, now)
-		}
-		c.change(ds, func() {
-			ds.d.Model = c.intern(st.Model)
-			ds.d.Version = c.intern(v.String())
-			ds.d.SHA256 = c.intern(st.SHA256)
-			ds.d.Online, ds.d.LastSeen = true, now
-			ds.d.MaxChunk = 0
-			if st.MaxChunk >= protocol.MinChunkSize && st.MaxChunk <= protocol.MaxChunkSize {
-				ds.d.MaxChunk = st.MaxChunk
-			}
-		})
-		p.add(putDeviceFn(ds.d))
-		r := c.open[ds.d.Model]
-		if r == nil || ds.wave < 0 {
-			return nil
-		}
-		c.reconcile(r, ds, st, now, p, cm)
-		c.afterChange(r, now, p, cm)
-		return nil
-	})
 }
 
 // reconcile brings a member's job in line with the status the device reports.
@@ -621,6 +577,10 @@ func (c *Controller) reconcile(r *rollout, ds *devState, st protocol.Status, now
 	case order == 0:
 		if j == nil {
 			c.newJob(r, ds, now)
+		}
+		if reason := c.installViolation(ds.job, r.rec.SHA256, st); reason != "" {
+			c.violation(p, ds, reason, now)
+			return
 		}
 		c.endJob(p, ds, JobInstalled, "", now)
 		return
@@ -702,6 +662,9 @@ func (c *Controller) offer(r *rollout, ds *devState, now time.Time, p *pending, 
 		c.stopIfExpired(r, now, p)
 		return false
 	}
+	if c.counterRefused(r, ds, m, now, p) {
+		return false
+	}
 	if ds.job == nil {
 		c.newJob(r, ds, now)
 	}
@@ -714,7 +677,7 @@ func (c *Controller) offer(r *rollout, ds *devState, now time.Time, p *pending, 
 		j.Transfer = rand.Uint32N(math.MaxUint32) + 1 // 0 is reserved for "no transfer"
 		j.From = ds.d.Version
 		j.Seq, j.Bytes, j.Reason, j.RetryAt = 0, 0, "", time.Time{}
-		j.Delta, j.Artifact, j.Size = false, "", 0
+		j.Delta, j.Artifact, j.Size, j.Reached = false, "", 0, ""
 		j.State, j.Offered, j.Updated = JobPending, time.Time{}, now
 		ds.reserved = false
 	})
@@ -947,85 +910,6 @@ func transferReason(reason string) bool {
 	return reason == protocol.ReasonTransfer || strings.HasPrefix(reason, protocol.ReasonTransfer+":")
 }
 
-// handleEvent applies a device's report about its job. Duplicates and events about other jobs
-// are ignored; a job that finished stays finished.
-func (c *Controller) handleEvent(id string, ev protocol.Event) error {
-	switch ev.State {
-	case protocol.StateDownloading, protocol.StateVerifying, protocol.StateInstalling,
-		protocol.StateInstalled, protocol.StateFailed:
-	default:
-		return fmt.Errorf("%w: event state %q", ErrInvalid, ev.State)
-	}
-	if len(ev.Reason) > 1024 {
-		ev.Reason = strings.ToValidUTF8(ev.Reason[:1024], "")
-	}
-	now := c.clock.Now()
-	return c.txn(func(p *pending, cm *commit) error {
-		ds := c.devs[id]
-		if ds == nil || ds.job == nil || ds.job.ID != ev.Job || ev.Seq <= ds.job.Seq {
-			c.stats.StaleEvents.Add(1)
-			return nil
-		}
-		r := c.open[ds.d.Model]
-		if r == nil {
-			c.stats.StaleEvents.Add(1)
-			return nil
-		}
-		j := ds.job
-		from := j.State
-		switch ev.State {
-		case protocol.StateDownloading, protocol.StateVerifying, protocol.StateInstalling:
-			c.change(ds, func() {
-				j.Seq, j.Updated, j.State, j.RetryAt = ev.Seq, now, ev.State, time.Time{}
-				if ev.Bytes > j.Bytes {
-					j.Bytes = min(ev.Bytes, j.Size)
-				}
-				if j.Started.IsZero() {
-					j.Started = now
-				}
-			})
-			p.add(putJobFn(*j))
-			if j.State == from {
-				return nil // progress
-			}
-			c.logEvent(p, r, Event{Time: now, Device: id, Job: j.ID, From: from, To: j.State}, now)
-		case protocol.StateFailed:
-			j.Seq = ev.Seq
-			reason := ev.Reason
-			if reason == "" {
-				reason = "unspecified"
-			}
-			switch {
-			case transferReason(reason) && r.paused.Load():
-				// The window closed on the transfer (window end "pause"): not the device's
-				// fault, so no attempt is used; it is offered again in the next window.
-				c.change(ds, func() {
-					j.History = appendHistory(j.History, reason)
-					j.Attempt--
-					j.State, j.Reason, j.Updated = JobPending, reason, now
-				})
-				c.transfers.Delete(id)
-				p.add(putJobFn(*j))
-				c.logEvent(p, r, Event{Time: now, Device: id, Job: j.ID, From: from, To: JobPending, Reason: reason}, now)
-				c.enqueueDevice(r, ds)
-			case transferReason(reason) && r.rec.State != RolloutCanceling:
-				c.retryOrFail(p, r, ds, reason, now)
-			default:
-				c.endJob(p, ds, JobFailed, reason, now)
-			}
-		case protocol.StateInstalled:
-			j.Seq = ev.Seq
-			if ev.Version != j.To {
-				c.endJob(p, ds, JobFailed, fmt.Sprintf("%s: device reports %q installed, want %q", protocol.ReasonInstall, ev.Version, j.To), now)
-			} else {
-				c.endJob(p, ds, JobInstalled, "", now)
-			}
-		}
-		c.afterChange(r, now, p, cm)
-		return nil
-	})
-}
-
 // maxHistory bounds the reasons a job keeps of its earlier attempts.
 const maxHistory = 16
 
@@ -1038,6 +922,9 @@ func appendHistory(h []string, reason string) []string {
 
 // logEvent appends an entry to the rollout's event log.
 func (c *Controller) logEvent(p *pending, r *rollout, e Event, now time.Time) {
+	if !c.admitLog(e) {
+		return
+	}
 	r.logSeq++
 	e.Seq = r.logSeq
 	if e.Time.IsZero() {

@@ -242,12 +242,12 @@ func TestRolloutOffersAndCompletes(t *testing.T) {
 	h.status("d4", "7.28.0")
 
 	for i, st := range []string{protocol.StateDownloading, protocol.StateVerifying, protocol.StateInstalling} {
-		h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: uint64(i + 1), State: st, Bytes: 100})
+		h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: uint64(i + 1), State: st, Bytes: o.Size})
 	}
 	if got := h.job(r.ID, "d1").State; got != JobInstalling {
 		t.Fatalf("got d1 state %s, want %s", got, JobInstalling)
 	}
-	h.status("d1", "7.28.0") // rebooted on the new version
+	h.statusSHA("d1", "7.28.0", o.Manifest.SHA256) // rebooted on the new version
 	h.send("d2", protocol.SuffixEvent, protocol.Event{V: 1, Job: o2.Job, Seq: 1, State: protocol.StateFailed, Reason: "hash-mismatch"})
 
 	d, err := h.c.GetRollout(r.ID)
@@ -287,7 +287,8 @@ func TestEventsAreIdempotent(t *testing.T) {
 	}
 	h.status("d1", "7.27.0")
 	o := h.waitOffer("d1", 1)
-	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 2, State: protocol.StateInstalling})
+	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 1, State: protocol.StateDownloading, Bytes: o.Size})
+	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 2, State: protocol.StateInstalling, Bytes: o.Size})
 	// Late and duplicate events must not move the job back.
 	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 1, State: protocol.StateDownloading})
 	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 2, State: protocol.StateDownloading})
@@ -299,6 +300,7 @@ func TestEventsAreIdempotent(t *testing.T) {
 		t.Fatalf("got %d stale events, want 3", got)
 	}
 	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 3, State: protocol.StateInstalled, Version: "7.28.0"})
+	h.statusSHA("d1", "7.28.0", o.Manifest.SHA256)
 	h.send("d1", protocol.SuffixEvent, protocol.Event{V: 1, Job: o.Job, Seq: 4, State: protocol.StateFailed})
 	if got := h.job(r.ID, "d1").State; got != JobInstalled {
 		t.Fatalf("got state %s after a late failure, want %s", got, JobInstalled)
@@ -475,6 +477,9 @@ func TestCreateRolloutErrors(t *testing.T) {
 	}
 }
 
+// unknownBase is an image the fake deltas cannot make a patch from.
+var unknownBase = strings.Repeat("cafe", 16)
+
 // fakeDeltas answers from a table: a pair is pending until made ready.
 type fakeDeltas struct {
 	mu    sync.Mutex
@@ -486,7 +491,7 @@ func (f *fakeDeltas) Delta(base string, target protocol.Manifest) (protocol.Mani
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.asked++
-	if base == "cafe" {
+	if base == unknownBase {
 		return protocol.Manifest{}, false, errors.New("no delta: base unknown")
 	}
 	m, ok := f.ready[base]
@@ -545,7 +550,7 @@ func TestDeltaOffers(t *testing.T) {
 		t.Fatalf("got %d offers before the patch is ready, want 0", n)
 	}
 	// A device whose base is unknown gets the full image at once.
-	h.statusSHA("d2", "7.27.0", "cafe")
+	h.statusSHA("d2", "7.27.0", unknownBase)
 	if o := h.waitOffer("d2", 1); o.Manifest.Delta != nil || o.Size != full.Size {
 		t.Fatalf("got offer %+v, want the full image", o)
 	}

@@ -49,6 +49,10 @@ type devState struct {
 	queued, reserved bool
 	// revoked: the device's certificate is revoked; no rollout selects it again.
 	revoked bool
+	// logJob and logN count the entries the device's current job wrote to the rollout's
+	// event log, to bound its share (see admitLog).
+	logJob string
+	logN   int
 }
 
 func (ds *devState) hasJob() bool { return ds.job != nil || ds.done != "" }
@@ -177,6 +181,10 @@ func (r *rollout) matches(ds *devState) bool {
 func (r *rollout) olderThanTarget(v string) bool {
 	o, ok := r.older[v]
 	if !ok {
+		if len(r.older) >= internMin {
+			// Versions are what devices report: the cache must not grow with them.
+			clear(r.older)
+		}
 		c, err := protocol.CompareVersions(v, r.rec.Version)
 		o = err == nil && c < 0
 		r.older[v] = o
@@ -402,13 +410,31 @@ func openState(s string) bool {
 	return false
 }
 
-// intern shares the strings that many devices hold (model, version, image hash).
+// internMin is the size the intern table may grow to before it is rebuilt from the strings
+// devices hold now.
+const internMin = 4096
+
+// intern shares the strings that many devices hold (model, version, image hash). The strings
+// come from devices, so the table is bounded: when full, it is rebuilt from what the registry
+// still refers to, and may then grow to twice that (or internMin), so a rebuild costs a scan
+// of the registry only after as many new strings as it keeps.
 func (c *Controller) intern(s string) string {
 	if s == "" {
 		return ""
 	}
 	if v, ok := c.strs[s]; ok {
 		return v
+	}
+	if len(c.strs) >= max(internMin, c.strsMax) {
+		live := make(map[string]string)
+		for _, ds := range c.devList {
+			for _, v := range [...]string{ds.d.Model, ds.d.Version, ds.d.SHA256} {
+				if v != "" {
+					live[v] = v
+				}
+			}
+		}
+		c.strs, c.strsMax = live, 2*len(live)
 	}
 	c.strs[s] = s
 	return s

@@ -86,9 +86,16 @@ func (h *harness) install(id, device string) {
 		h.t.Fatalf("device %s has no job in %s", device, id)
 	}
 	for i, st := range []string{protocol.StateDownloading, protocol.StateVerifying, protocol.StateInstalling} {
-		h.event(device, j.ID, j.Seq+uint64(i)+1, st)
+		h.event(device, j.ID, j.Seq+uint64(i)+1, st, withBytes(j.Size))
 	}
+	// After the reboot: the status with the new image, then the installed event.
+	h.statusSHA(device, j.To, h.rollout(id).SHA256)
 	h.event(device, j.ID, j.Seq+4, protocol.StateInstalled, func(e *protocol.Event) { e.Version = j.To })
+}
+
+// withBytes sets an event's byte count.
+func withBytes(n int64) func(*protocol.Event) {
+	return func(e *protocol.Event) { e.Bytes = n }
 }
 
 func (h *harness) fail(id, device, reason string) {
@@ -428,7 +435,7 @@ func TestTimeouts(t *testing.T) {
 				}
 				seen[j.ID] = true
 				for i, st := range tc.events {
-					h.event("d-000", j.ID, uint64(i+1), st)
+					h.event("d-000", j.ID, uint64(i+1), st, withBytes(j.Size))
 				}
 				h.tick(now.Add(tc.limit - time.Second))
 				if j, _ := h.jobOf(r.ID, "d-000"); j.State == JobTimedOut {
@@ -588,9 +595,9 @@ func TestCancelWaitsForInstalls(t *testing.T) {
 	h.fleet("d", 4)
 	r := h.create(RolloutSpec{MaxConcurrent: 3})
 	a, _ := h.jobOf(r.ID, "d-000")
-	h.event("d-000", a.ID, 1, protocol.StateDownloading)
-	h.event("d-000", a.ID, 2, protocol.StateVerifying)
-	h.event("d-000", a.ID, 3, protocol.StateInstalling)
+	h.event("d-000", a.ID, 1, protocol.StateDownloading, withBytes(a.Size))
+	h.event("d-000", a.ID, 2, protocol.StateVerifying, withBytes(a.Size))
+	h.event("d-000", a.ID, 3, protocol.StateInstalling, withBytes(a.Size))
 	b, _ := h.jobOf(r.ID, "d-001")
 	h.event("d-001", b.ID, 1, protocol.StateDownloading)
 
@@ -609,6 +616,7 @@ func TestCancelWaitsForInstalls(t *testing.T) {
 	if _, err := h.c.CreateRollout(context.Background(), RolloutSpec{Model: "primehub", Version: "7.28.0"}); !errors.Is(err, ErrConflict) {
 		t.Fatalf("create while canceling: got %v, want ErrConflict", err)
 	}
+	h.statusSHA("d-000", "7.28.0", r.SHA256)
 	h.event("d-000", a.ID, 4, protocol.StateInstalled, func(e *protocol.Event) { e.Version = "7.28.0" })
 	got = h.rollout(r.ID)
 	if got.State != RolloutCanceled || got.Counts[JobInstalled] != 1 || got.Counts[JobCanceled] != 3 || got.Devices != 4 {

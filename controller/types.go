@@ -259,19 +259,22 @@ type WindowState struct {
 
 // Job is one device's part in a rollout.
 type Job struct {
-	ID       string    `json:"id"` // protocol job id, unique per device and offer
-	Rollout  string    `json:"rollout"`
-	Device   string    `json:"device"`
-	Wave     int       `json:"wave"` // 0-based
-	From     string    `json:"from"`
-	To       string    `json:"to"`
-	State    string    `json:"state"`
-	Reason   string    `json:"reason,omitempty"`
-	Attempt  int       `json:"attempt"`           // attempts used, counted against the rollout's max attempts
-	Offers   int       `json:"offers"`            // fresh offers made, each with its own job id
-	History  []string  `json:"history,omitempty"` // why earlier attempts ended
-	Bytes    int64     `json:"bytes"`
-	Seq      uint64    `json:"seq"` // last device event applied
+	ID      string   `json:"id"` // protocol job id, unique per device and offer
+	Rollout string   `json:"rollout"`
+	Device  string   `json:"device"`
+	Wave    int      `json:"wave"` // 0-based
+	From    string   `json:"from"`
+	To      string   `json:"to"`
+	State   string   `json:"state"`
+	Reason  string   `json:"reason,omitempty"`
+	Attempt int      `json:"attempt"`           // attempts used, counted against the rollout's max attempts
+	Offers  int      `json:"offers"`            // fresh offers made, each with its own job id
+	History []string `json:"history,omitempty"` // why earlier attempts ended
+	Bytes   int64    `json:"bytes"`
+	Seq     uint64   `json:"seq"` // last device event applied
+	// Reached is the furthest phase the device reported in this offer (downloading, verifying,
+	// installing, installed): an install counts only once it was verified with every byte.
+	Reached  string    `json:"reached,omitempty"`
 	Transfer uint32    `json:"transfer"`
 	Delta    bool      `json:"delta"`              // streaming a patch rather than the image
 	Artifact string    `json:"artifact,omitempty"` // sha256 of what is streamed
@@ -310,6 +313,10 @@ type Device struct {
 	LastSeen time.Time         `json:"last_seen"`
 	Job      string            `json:"job,omitempty"`       // job id in progress
 	MaxChunk int               `json:"max_chunk,omitempty"` // largest chunk the device takes; 0: the server's
+	// Counter is the security counter of the image the device runs, as it reports it; 0:
+	// unknown. A release whose counter is not above it is never offered: the device would
+	// refuse it.
+	Counter uint64 `json:"counter,omitempty"`
 }
 
 // Event is one entry of a rollout's event log: a transition of the rollout or of one of its
