@@ -306,7 +306,7 @@ func TestLostFailedEventReason(t *testing.T) {
 	r := h.create(RolloutSpec{})
 	j := h.job(r.ID, "d-000")
 	for i, st := range []string{protocol.StateDownloading, protocol.StateVerifying, protocol.StateInstalling} {
-		h.event("d-000", j.ID, uint64(i)+1, st)
+		h.event("d-000", j.ID, uint64(i)+1, st, withBytes(j.Size))
 	}
 	h.send("d-000", protocol.SuffixStatus, protocol.Status{V: 1, Model: "primehub", Version: "7.27.0", State: protocol.StateFailed, Job: j.ID})
 	got := h.job(r.ID, "d-000")
