@@ -235,6 +235,12 @@ func (c *Controller) handleEvent(id string, ev protocol.Event) error {
 	now := c.clock.Now()
 	return c.txn(func(p *pending, cm *commit) error {
 		ds := c.devs[id]
+		if ds != nil && ds.job == nil && ds.done == JobInstalled &&
+			ev.State == protocol.StateInstalled && ev.Version == ds.d.Version {
+			// The installed event the protocol prescribes after the Status that completed
+			// the job: expected, so not stale, and there is nothing left to change.
+			return nil
+		}
 		if ds == nil || ds.job == nil || ds.job.ID != ev.Job || ev.Seq <= ds.job.Seq {
 			c.stats.StaleEvents.Add(1)
 			return nil

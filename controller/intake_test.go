@@ -364,3 +364,24 @@ func TestInstallAcrossRestart(t *testing.T) {
 		})
 	}
 }
+
+// TestPrescribedInstalledEventNotStale: the installed event a device sends after the Status
+// that completed its job, as the protocol prescribes, is expected, not counted stale; one for
+// another version still is.
+func TestPrescribedInstalledEventNotStale(t *testing.T) {
+	h := newHarness(t)
+	h.fleet("d", 1)
+	r := h.create(RolloutSpec{})
+	j := h.job(r.ID, "d-000")
+	h.install(r.ID, "d-000")
+	if got := h.job(r.ID, "d-000").State; got != JobInstalled {
+		t.Fatalf("got %s, want installed", got)
+	}
+	if got := h.c.Stats().StaleEvents.Load(); got != 0 {
+		t.Errorf("got %d stale events after a clean install, want 0", got)
+	}
+	h.event("d-000", j.ID, 99, protocol.StateInstalled, func(e *protocol.Event) { e.Version = "7.26.0" })
+	if got := h.c.Stats().StaleEvents.Load(); got != 1 {
+		t.Errorf("got %d stale events after an installed event for another version, want 1", got)
+	}
+}
