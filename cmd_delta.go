@@ -14,6 +14,7 @@ import (
 	"os"
 
 	"github.com/fota-dev/fota/api"
+	"github.com/fota-dev/fota/atomicfile"
 	"github.com/fota-dev/fota/firmware"
 	"github.com/fota-dev/fota/firmware/delta"
 	"github.com/fota-dev/fota/protocol"
@@ -48,7 +49,7 @@ func runDeltaMake(args []string, stdout io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("delta make: %w", err)
 	}
-	if err := writeFileAtomic(patchPath, patch, 0o644); err != nil {
+	if err := atomicfile.Write(patchPath, patch, 0o644); err != nil {
 		return fmt.Errorf("delta make: %w", err)
 	}
 	_, err = fmt.Fprintf(stdout, "wrote %s: %d-byte patch, %s of the %d-byte target (base %d bytes)\n",
@@ -89,7 +90,7 @@ func runDeltaApply(args []string, stdout io.Writer) error {
 	case err != nil:
 		return fmt.Errorf("delta apply: %s: %w", patchPath, err)
 	}
-	if err := writeFileAtomic(outPath, target, 0o644); err != nil {
+	if err := atomicfile.Write(outPath, target, 0o644); err != nil {
 		return fmt.Errorf("delta apply: %w", err)
 	}
 	_, err = fmt.Fprintf(stdout, "wrote %s: %d bytes, sha256 %x, from a %d-byte patch (%s of it)\n",
@@ -203,10 +204,10 @@ func runDeltaSign(args []string, stdout io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("%s: encode manifest: %w", cmd, err)
 	}
-	if err := writeFileAtomic(patchPath, patch, 0o644); err != nil {
+	if err := atomicfile.Write(patchPath, patch, 0o644); err != nil {
 		return fmt.Errorf("%s: %w", cmd, err)
 	}
-	if err := writeFileAtomic(*out, append(b, '\n'), 0o644); err != nil {
+	if err := atomicfile.Write(*out, append(b, '\n'), 0o644); err != nil {
 		return fmt.Errorf("%s: %w", cmd, err)
 	}
 	_, err = fmt.Fprintf(stdout, "signed a delta to %s %s: %s patch, %s of the %s image, from base sha256:%s; wrote %s and %s\n",

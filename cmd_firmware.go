@@ -11,12 +11,12 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/fota-dev/fota/api"
+	"github.com/fota-dev/fota/atomicfile"
 	"github.com/fota-dev/fota/firmware"
 	"github.com/fota-dev/fota/protocol"
 )
@@ -282,7 +282,7 @@ func runFirmwareSign(args []string, stdout io.Writer) error {
 		_, err := stdout.Write(b)
 		return err
 	}
-	if err := writeFileAtomic(*out, b, 0o644); err != nil {
+	if err := atomicfile.Write(*out, b, 0o644); err != nil {
 		return fmt.Errorf("%s: %w", cmd, err)
 	}
 	extra := ""
@@ -292,34 +292,6 @@ func runFirmwareSign(args []string, stdout io.Writer) error {
 	_, err = fmt.Fprintf(stdout, "signed %s %s: %s, counter %d, sha256 %s%s; wrote %s\n",
 		m.Model, m.Version, fmtSize(m.Size), m.Counter, m.SHA256, extra, *out)
 	return err
-}
-
-// writeFileAtomic writes data to path through a synced temp file and a rename, so path never
-// holds half a manifest.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // fails harmlessly once renamed
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Chmod(mode)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
 }
 
 // openImage opens the firmware file at path, refusing what cannot be an image.

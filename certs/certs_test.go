@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fota-dev/fota/atomicfile"
 	"github.com/fota-dev/fota/certs"
 	"github.com/fota-dev/fota/certs/certstest"
 	"github.com/fota-dev/fota/protocol"
@@ -80,7 +81,7 @@ func TestInit(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, e := range entries {
-		if strings.HasSuffix(e.Name(), ".tmp") {
+		if ok, _ := filepath.Match(atomicfile.TempGlob, e.Name()); ok {
 			t.Errorf("temp file %s left behind", e.Name())
 		}
 	}

@@ -5,7 +5,8 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
+
+	"github.com/fota-dev/fota/atomicfile"
 )
 
 // Modes of what a certs dir holds. Certificates are public, but the directory also holds the CA
@@ -36,62 +37,17 @@ func ensureDir(dir string) error {
 	return nil
 }
 
-// writeFile writes data to path atomically: readers see the old file or the whole new one,
-// never a prefix. With noClobber the final step is a hard link instead of a rename, so the
-// write fails with ErrExists when path exists, even if another process raced us to it.
-func writeFile(path string, data []byte, perm fs.FileMode, noClobber bool) (err error) {
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
+// writeFile writes data to path through atomicfile. With noClobber it fails with ErrExists when
+// path exists, even if another process raced us to it.
+func writeFile(path string, data []byte, perm fs.FileMode, noClobber bool) error {
+	if !noClobber {
+		return atomicfile.Write(path, data, perm)
 	}
-	f, err := os.CreateTemp(dir, "."+base+".*.tmp")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
+	if err := atomicfile.Create(path, data, perm); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("write %s: %w", path, ErrExists)
 		}
-	}()
-	if err := f.Chmod(perm); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if noClobber {
-		if err := os.Link(tmp, path); err != nil {
-			if errors.Is(err, fs.ErrExist) {
-				return fmt.Errorf("write %s: %w", path, ErrExists)
-			}
-			return fmt.Errorf("write %s: %w", path, err)
-		}
-		if err := os.Remove(tmp); err != nil {
-			return fmt.Errorf("write %s: %w", path, err)
-		}
-	} else if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return syncDir(dir)
-}
-
-// syncDir makes a rename or link in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", dir, err)
+		return err
 	}
 	return nil
 }

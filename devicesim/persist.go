@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/fota-dev/fota/atomicfile"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -133,7 +134,7 @@ func (d *Device) saveJob(j *job) error {
 	if err != nil {
 		return fmt.Errorf("save job: %w", err)
 	}
-	if err := writeAtomic(d.dir, jobFile, b); err != nil {
+	if err := atomicfile.Write(filepath.Join(d.dir, jobFile), b, 0o600); err != nil {
 		return fmt.Errorf("save job: %w", err)
 	}
 	j.seqSaved = reserve

@@ -12,14 +12,14 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/fota-dev/fota/atomicfile"
 	"github.com/fota-dev/fota/protocol"
 )
 
 // Names inside a device's state directory, StateDir/ID.
 const (
 	stateFile = "state.json"
-	tempGlob  = ".*.tmp-*" // left behind by a crash between create and rename
-	maxState  = 4 << 10    // bytes of state.json read at most
+	maxState  = 4 << 10 // bytes of state.json read at most
 )
 
 var slotFiles = [2]string{"slot-a.bin", "slot-b.bin"}
@@ -129,7 +129,7 @@ func openSlots(dir string, init State, image []byte, images *imageCache) (*slots
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	if stale, _ := filepath.Glob(filepath.Join(dir, tempGlob)); len(stale) > 0 {
+	if stale, _ := filepath.Glob(filepath.Join(dir, atomicfile.TempGlob)); len(stale) > 0 {
 		for _, p := range stale {
 			os.Remove(p) // best effort: a leftover only wastes space
 		}
@@ -138,7 +138,7 @@ func openSlots(dir string, init State, image []byte, images *imageCache) (*slots
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		if image != nil {
-			if err := writeAtomic(dir, slotFiles[0], image); err != nil {
+			if err := atomicfile.Write(filepath.Join(dir, slotFiles[0]), image, 0o600); err != nil {
 				return nil, fmt.Errorf("write slot A: %w", err)
 			}
 		}
@@ -200,7 +200,7 @@ func (s *slots) install(m protocol.Manifest, image []byte) error {
 	st.Active, st.Version, st.SHA256 = next, m.Version, sha256Hex(image)
 	st.Counter = max(st.Counter, m.Counter)
 	if s.dir != "" {
-		if err := writeAtomic(s.dir, slotFiles[next], image); err != nil {
+		if err := atomicfile.Write(filepath.Join(s.dir, slotFiles[next]), image, 0o600); err != nil {
 			return fmt.Errorf("write slot %s: %w", st.Slot(), err)
 		}
 		// The switch: active slot, version and counter change together in one rename.
@@ -219,43 +219,10 @@ func (s *slots) saveState(st State) error {
 	if err != nil {
 		return fmt.Errorf("encode state: %w", err)
 	}
-	if err := writeAtomic(s.dir, stateFile, append(b, '\n')); err != nil {
+	if err := atomicfile.Write(filepath.Join(s.dir, stateFile), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("write state: %w", err)
 	}
 	return nil
-}
-
-// writeAtomic replaces dir/name with data: temp file, fsync, rename, fsync of the directory,
-// so that after a crash dir/name is either the old content or the new one.
-func writeAtomic(dir, name string, data []byte) (err error) {
-	f, err := os.CreateTemp(dir, "."+name+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
-		}
-	}()
-	if _, err = f.Write(data); err != nil {
-		return err
-	}
-	if err = f.Sync(); err != nil {
-		return err
-	}
-	if err = f.Close(); err != nil {
-		return err
-	}
-	if err = os.Rename(f.Name(), filepath.Join(dir, name)); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // readLimited reads a file of at most limit bytes; a bigger one is an error, not an

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/fota-dev/fota/atomicfile"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -86,7 +87,7 @@ func TestSlotsInstallFailureChangesNothing(t *testing.T) {
 	if got := readState(t, dir); got != before || s.state != before || !bytes.Equal(s.installed(), v1) {
 		t.Errorf("after a failed install: got %+v on disk, %+v in memory; want %+v", got, s.state, before)
 	}
-	if left, _ := filepath.Glob(filepath.Join(dir, tempGlob)); len(left) != 0 {
+	if left, _ := filepath.Glob(filepath.Join(dir, atomicfile.TempGlob)); len(left) != 0 {
 		t.Errorf("temp files left: %v", left)
 	}
 }

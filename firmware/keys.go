@@ -14,6 +14,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/fota-dev/fota/atomicfile"
 )
 
 // Release key files, as GenerateKey writes them and OpenKeys looks for them.
@@ -70,7 +72,7 @@ func writePrivateKey(path string, priv ed25519.PrivateKey) error {
 	if err != nil {
 		return fmt.Errorf("encode private key: %w", err)
 	}
-	return createAtomic(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
+	return createKeyFile(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
 }
 
 func writePublicKey(path string, pub ed25519.PublicKey) error {
@@ -78,43 +80,17 @@ func writePublicKey(path string, pub ed25519.PublicKey) error {
 	if err != nil {
 		return fmt.Errorf("encode public key: %w", err)
 	}
-	return createAtomic(path, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o644)
+	return createKeyFile(path, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o644)
 }
 
-// createAtomic writes data to a temp file next to path, syncs it, and links it to path, so
-// path either does not exist or holds all of data. Linking, unlike renaming, fails when path
-// exists: a key is never replaced, even by a concurrent GenerateKey.
-func createAtomic(path string, data []byte, mode os.FileMode) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+// createKeyFile writes a key file that must not exist yet: a key is never replaced, even by a
+// concurrent GenerateKey.
+func createKeyFile(path string, data []byte, mode os.FileMode) error {
+	err := atomicfile.Create(path, data, mode)
+	if errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("%w: %s", ErrKeyExists, path)
 	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	// CreateTemp makes the file 0600 already; Chmod makes the public key readable.
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Link(tmp, path); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("%w: %s", ErrKeyExists, path)
-		}
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return syncDir(dir)
+	return err
 }
 
 // LoadPrivateKey reads an ed25519 private key from a PEM "PRIVATE KEY" (PKCS #8) file.
