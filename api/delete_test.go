@@ -22,6 +22,7 @@ import (
 
 	"github.com/fota-dev/fota/controller"
 	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -265,7 +266,7 @@ func TestDeleteFirmwareRealController(t *testing.T) {
 	if r.Devices != 1 {
 		t.Fatalf("got a rollout of %d devices, want 1", r.Devices)
 	}
-	job := waitFor(t, "dev-1 offered 7.28.0", func() (controller.Job, bool) {
+	job := fotatest.WaitForValue(t, 20*time.Second, "dev-1 offered 7.28.0", func() (controller.Job, bool) {
 		d, err := c.GetRollout(ctx, r.ID)
 		if err != nil || len(d.Jobs) != 1 {
 			return controller.Job{}, false
@@ -318,7 +319,7 @@ func TestDeleteFirmwareRealController(t *testing.T) {
 	})
 	t.Run("canceled", func(t *testing.T) {
 		device(protocol.SuffixEvent, protocol.Event{V: 1, Job: job.ID, Seq: 4, State: protocol.StateFailed, Reason: "install: flash write"})
-		waitFor(t, "rollout canceled", func() (string, bool) {
+		fotatest.WaitForValue(t, 20*time.Second, "rollout canceled", func() (string, bool) {
 			d, err := c.GetRollout(ctx, r.ID)
 			return d.State, err == nil && d.State == controller.RolloutCanceled
 		})
@@ -335,20 +336,4 @@ func TestDeleteFirmwareRealController(t *testing.T) {
 			t.Errorf("stat %s: got %v, want the file gone", path28, err)
 		}
 	})
-}
-
-// waitFor polls cond until it reports true, for up to 20 s, and returns its last value.
-func waitFor[T any](t *testing.T, what string, cond func() (T, bool)) T {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		v, ok := cond()
-		if ok {
-			return v
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("waiting for %s: got %+v after 5s", what, v)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/fota-dev/fota/certs"
 	"github.com/fota-dev/fota/certs/certstest"
 	"github.com/fota-dev/fota/controller"
+	"github.com/fota-dev/fota/fotatest"
 )
 
 // startRevoking runs a server that checks ca's revocation list on every request, with admins
@@ -147,7 +148,7 @@ func TestCloseAdmin(t *testing.T) {
 	upload, _ := dial("ops")
 	fmt.Fprintf(upload, "POST %s?model=primehub&version=1.0.0 HTTP/1.1\r\nHost: fota\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n%s",
 		pathFirmware, strings.Repeat("x", 1000))
-	waitFor(t, "the server to read the upload's first 1000 bytes", func() (int64, bool) {
+	fotatest.WaitForValue(t, 20*time.Second, "the server to read the upload's first 1000 bytes", func() (int64, bool) {
 		n := store.received.Load()
 		return n, n >= 1000
 	})

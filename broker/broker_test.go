@@ -20,6 +20,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/fota-dev/fota/certs/certstest"
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -104,18 +105,6 @@ func (f *fixture) pool() *x509.CertPool {
 	return p
 }
 
-// eventually polls cond until it holds or d passes.
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not true after %v", what, d)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func TestNewRefusesBadOptions(t *testing.T) {
 	ca := certstest.New(t)
 	good := ca.ServerTLS(t)
@@ -197,7 +186,7 @@ func TestConnect(t *testing.T) {
 				rc.roundTripPing(t)
 				return
 			}
-			eventually(t, ioTimeout, "Stats().Refused increased", func() bool { return f.b.Stats().Refused > before })
+			fotatest.WaitFor(t, ioTimeout, "Stats().Refused increased", func() bool { return f.b.Stats().Refused > before })
 			if rc == nil {
 				return // refused in the handshake
 			}
@@ -302,7 +291,7 @@ func TestTakeoverBySameDevice(t *testing.T) {
 	if got := <-f.gone; got != "dev-a" {
 		t.Fatalf("OnDisconnect: got %q, want dev-a", got)
 	}
-	eventually(t, ioTimeout, "Connected(dev-a) false", func() bool { return !f.b.Connected("dev-a") })
+	fotatest.WaitFor(t, ioTimeout, "Connected(dev-a) false", func() bool { return !f.b.Connected("dev-a") })
 	if got := f.b.Stats(); got.Connected != 0 || got.Sessions != 2 {
 		t.Fatalf("Stats: got Connected %d Sessions %d, want 0 and 2", got.Connected, got.Sessions)
 	}
@@ -326,12 +315,12 @@ func TestReconnectStorm(t *testing.T) {
 		rc = f.subscribed("dev-a")
 		f.roundTrip(rc, "dev-a")
 	}
-	eventually(t, ioTimeout, "an OnConnect per connection", func() bool { return connects.Load() == int32(n) })
+	fotatest.WaitFor(t, ioTimeout, "an OnConnect per connection", func() bool { return connects.Load() == int32(n) })
 	if got := disconnects.Load(); got != 0 {
 		t.Fatalf("got %d OnDisconnect while the device stayed connected, want 0", got)
 	}
 	_ = rc.conn.Close()
-	eventually(t, ioTimeout, "OnDisconnect after the last connection", func() bool { return disconnects.Load() == 1 })
+	fotatest.WaitFor(t, ioTimeout, "OnDisconnect after the last connection", func() bool { return disconnects.Load() == 1 })
 	if got := f.b.Stats(); got.Connected != 0 || got.Sessions != uint64(n) {
 		t.Fatalf("Stats: got Connected %d Sessions %d, want 0 and %d", got.Connected, got.Sessions, n)
 	}
@@ -473,8 +462,8 @@ func TestBadBytesAfterConnect(t *testing.T) {
 			} else if closed, err := closedWithin(rc.conn, ioTimeout); !closed {
 				t.Fatalf("connection still open after bad bytes (%v)", err)
 			}
-			eventually(t, ioTimeout, "Connected(dev-x) false", func() bool { return !f.b.Connected("dev-x") })
-			eventually(t, ioTimeout, "dev-x gone from Mochi's clients", func() bool {
+			fotatest.WaitFor(t, ioTimeout, "Connected(dev-x) false", func() bool { return !f.b.Connected("dev-x") })
+			fotatest.WaitFor(t, ioTimeout, "dev-x gone from Mochi's clients", func() bool {
 				_, ok := f.b.srv.Clients.Get("dev-x")
 				return !ok
 			})
@@ -677,7 +666,7 @@ func TestInProcessWithPaho(t *testing.T) {
 		if got := <-f.gone; got != id {
 			t.Fatalf("OnDisconnect: got %q, want %q", got, id)
 		}
-		eventually(t, ioTimeout, "paho sees the connection lost", func() bool { return !c.IsConnectionOpen() })
+		fotatest.WaitFor(t, ioTimeout, "paho sees the connection lost", func() bool { return !c.IsConnectionOpen() })
 		if f.b.Connected(id) {
 			t.Fatal("got Connected true after Disconnect, want false")
 		}
@@ -746,7 +735,7 @@ func TestClose(t *testing.T) {
 		devices = append(devices, rc)
 	}
 	silent := dialTCP(t, addr)
-	eventually(t, ioTimeout, "two devices connected", func() bool { return b.Stats().Connected == 2 })
+	fotatest.WaitFor(t, ioTimeout, "two devices connected", func() bool { return b.Stats().Connected == 2 })
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -775,7 +764,7 @@ func TestClose(t *testing.T) {
 	if err := b.Close(ctx); err != nil {
 		t.Fatalf("second Close: got %v, want nil", err)
 	}
-	eventually(t, ioTimeout, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= baseline })
+	fotatest.WaitFor(t, ioTimeout, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= baseline })
 }
 
 func TestAllowed(t *testing.T) {
@@ -834,11 +823,11 @@ func TestStaleDisconnectNotDelivered(t *testing.T) {
 	_ = old.conn.Close()
 	// The old connection's end is recorded (and its disconnect queued) before the new one
 	// arrives, as when a device reconnects after a drop the broker noticed.
-	eventually(t, ioTimeout, "the old connection gone", func() bool { return !f.b.Connected("dev-a") })
+	fotatest.WaitFor(t, ioTimeout, "the old connection gone", func() bool { return !f.b.Connected("dev-a") })
 	rc := f.subscribed("dev-a")
-	eventually(t, ioTimeout, "the new connection up", func() bool { return f.b.Connected("dev-a") })
+	fotatest.WaitFor(t, ioTimeout, "the new connection up", func() bool { return f.b.Connected("dev-a") })
 	close(gate)
-	eventually(t, ioTimeout, "both connects delivered", func() bool {
+	fotatest.WaitFor(t, ioTimeout, "both connects delivered", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		n := 0

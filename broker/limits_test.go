@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -137,7 +138,7 @@ func TestPendingLimits(t *testing.T) {
 	for range 4 {
 		flood = append(flood, mustDialFrom(t, "127.0.0.2", f.addr))
 	}
-	eventually(t, ioTimeout, "4 pending", func() bool { return f.b.Stats().Pending == 4 })
+	fotatest.WaitFor(t, ioTimeout, "4 pending", func() bool { return f.b.Stats().Pending == 4 })
 	if c := dialOrRefused(t, "127.0.0.2", f.addr); !refused(c) {
 		t.Fatal("5th pending socket from 127.0.0.2: still open, want closed (per-source cap 4)")
 	}
@@ -149,7 +150,7 @@ func TestPendingLimits(t *testing.T) {
 
 	// Another source fills the global cap.
 	flood = append(flood, mustDialFrom(t, "127.0.0.3", f.addr), mustDialFrom(t, "127.0.0.3", f.addr))
-	eventually(t, ioTimeout, "6 pending", func() bool { return f.b.Stats().Pending == 6 })
+	fotatest.WaitFor(t, ioTimeout, "6 pending", func() bool { return f.b.Stats().Pending == 6 })
 	if c := dialOrRefused(t, "127.0.0.4", f.addr); !refused(c) {
 		t.Fatal("7th pending socket: still open, want closed (global cap 6)")
 	}
@@ -157,7 +158,7 @@ func TestPendingLimits(t *testing.T) {
 	// A device connected before the flood holds no pending slot and is unaffected, and one
 	// gets in as soon as a slot is free.
 	_ = flood[0].Close()
-	eventually(t, ioTimeout, "5 pending", func() bool { return f.b.Stats().Pending == 5 })
+	fotatest.WaitFor(t, ioTimeout, "5 pending", func() bool { return f.b.Stats().Pending == 5 })
 	rc := f.subscribed("dev-a")
 	f.roundTrip(rc, "dev-a")
 	if got := f.b.Stats().Pending; got != 5 {
@@ -166,7 +167,7 @@ func TestPendingLimits(t *testing.T) {
 	for _, c := range flood[1:] {
 		_ = c.Close()
 	}
-	eventually(t, ioTimeout, "0 pending", func() bool { return f.b.Stats().Pending == 0 })
+	fotatest.WaitFor(t, ioTimeout, "0 pending", func() bool { return f.b.Stats().Pending == 0 })
 
 	// The other causes, one connection each.
 	plain := mustDialFrom(t, "127.0.0.5", f.addr)
@@ -195,7 +196,7 @@ func TestPendingLimits(t *testing.T) {
 
 	// The six pending sockets closed above ended their TLS handshakes too.
 	want := RefusedBy{SourcePending: 1, Pending: 1, TLS: 7, Identity: 1, Connect: 1, Revoked: 1}
-	eventually(t, ioTimeout, "refusals counted", func() bool {
+	fotatest.WaitFor(t, ioTimeout, "refusals counted", func() bool {
 		return f.b.Stats().RefusedBy == want
 	})
 	st := f.b.Stats()
@@ -252,7 +253,7 @@ func TestAcceptRate(t *testing.T) {
 			for _, src := range tt.srcs {
 				conns = append(conns, dialOrRefused(t, src, f.addr))
 			}
-			eventually(t, ioTimeout, "refusals counted", func() bool { return f.b.Stats().RefusedBy == tt.want })
+			fotatest.WaitFor(t, ioTimeout, "refusals counted", func() bool { return f.b.Stats().RefusedBy == tt.want })
 			for i, c := range conns {
 				if open := slices.Contains(tt.wantOpenIndexes, i); open && !stillOpen(c) {
 					t.Errorf("connection %d from %s: closed, want open", i, tt.srcs[i])
@@ -274,7 +275,7 @@ func TestConnectTimeoutCounted(t *testing.T) {
 	if closed, _ := closedWithin(quiet.conn, ioTimeout); !closed {
 		t.Fatal("TLS without CONNECT: still open")
 	}
-	eventually(t, ioTimeout, "2 timeouts", func() bool {
+	fotatest.WaitFor(t, ioTimeout, "2 timeouts", func() bool {
 		return f.b.Stats().RefusedBy == RefusedBy{Timeout: 2}
 	})
 }
@@ -368,7 +369,7 @@ func TestPendingFlood(t *testing.T) {
 		f.roundTrip(rc, id)
 		return took
 	}
-	eventually(t, time.Minute, "half the flood dialled", func() bool { return dialed.Load() >= flood/2 })
+	fotatest.WaitFor(t, time.Minute, "half the flood dialled", func() bool { return dialed.Load() >= flood/2 })
 	during := connect("dev-during")
 	wg.Wait()
 	if dialErr != nil {
@@ -390,7 +391,7 @@ func TestPendingFlood(t *testing.T) {
 	// Every flood socket ends refused: over a per-source limit at once, or, admitted to
 	// the pending state, at its connect timeout.
 	var st Stats
-	eventually(t, 3*DefaultConnectTimeout, "every flood socket refused", func() bool {
+	fotatest.WaitFor(t, 3*DefaultConnectTimeout, "every flood socket refused", func() bool {
 		st = f.b.Stats()
 		return st.RefusedBy.SourcePending+st.RefusedBy.SourceRate+st.RefusedBy.Timeout == flood
 	})
@@ -499,7 +500,7 @@ func TestPanicLoggedOncePerInterval(t *testing.T) {
 			t.Fatalf("%d: still open after a truncated SUBSCRIBE (%v)", i, err)
 		}
 	}
-	eventually(t, ioTimeout, "panics counted", func() bool { return f.b.Stats().Panics == n })
+	fotatest.WaitFor(t, ioTimeout, "panics counted", func() bool { return f.b.Stats().Panics == n })
 	f.roundTrip(ok, "dev-ok")
 
 	var errs int
@@ -568,7 +569,7 @@ func TestDeviceMessageRate(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, ioTimeout, "dev-good's messages delivered", func() bool {
+	fotatest.WaitFor(t, ioTimeout, "dev-good's messages delivered", func() bool {
 		return count("dev-good/status")+count("dev-good/event") == burst && count("dev-good/req") == reqs
 	})
 
@@ -595,7 +596,7 @@ func TestDeviceMessageRate(t *testing.T) {
 		t.Fatalf("flooding device: still connected (%v)", err)
 	}
 	elapsed := time.Since(start)
-	eventually(t, ioTimeout, "flooding device disconnected", func() bool { return !f.b.Connected("dev-flood") })
+	fotatest.WaitFor(t, ioTimeout, "flooding device disconnected", func() bool { return !f.b.Connected("dev-flood") })
 	st := f.b.Stats()
 	delivered := count("dev-flood/status")
 	maxPass := DefaultMessageBurst + int(elapsed.Seconds()*DefaultMessageRate) + 1
@@ -611,7 +612,7 @@ func TestDeviceMessageRate(t *testing.T) {
 	if err := good.publish(protocol.Topic("dev-good", protocol.SuffixStatus), []byte(`{}`), 1); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, ioTimeout, "dev-good's next status", func() bool { return count("dev-good/status") == burst/2+1 })
+	fotatest.WaitFor(t, ioTimeout, "dev-good's next status", func() bool { return count("dev-good/status") == burst/2+1 })
 
 	// Logged in aggregate, not per message.
 	if err := f.b.Close(context.Background()); err != nil {

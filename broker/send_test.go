@@ -17,6 +17,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -641,7 +642,7 @@ func TestSendErrors(t *testing.T) {
 	left := f.device("dev-gone")
 	mustSubscribe(t, left, chunkTopic("dev-gone"), 0)
 	_ = left.conn.Close()
-	eventually(t, ioTimeout, "dev-gone disconnected", func() bool { return !f.b.Connected("dev-gone") })
+	fotatest.WaitFor(t, ioTimeout, "dev-gone disconnected", func() bool { return !f.b.Connected("dev-gone") })
 	unsub := f.device("dev-unsub")
 	mustSubscribe(t, unsub, chunkTopic("dev-unsub"), 0)
 	unsubscribe(t, unsub, chunkTopic("dev-unsub"))
@@ -953,7 +954,7 @@ func TestSendToDeviceThatStopsReading(t *testing.T) {
 	mustSubscribe(t, stuck, chunkTopic("dev-stuck"), 0)
 	healthy := dialDevice(t, f, "dev-ok", 4, 0)
 	mustSubscribe(t, healthy, chunkTopic("dev-ok"), 0)
-	eventually(t, ioTimeout, "two devices connected", func() bool { return f.b.Stats().Connected == 2 })
+	fotatest.WaitFor(t, ioTimeout, "two devices connected", func() bool { return f.b.Stats().Connected == 2 })
 
 	// The healthy device gets Sends back to back until the stuck device's senders are done,
 	// each timed, so that some can be seen to have completed while a Send to the stuck device
@@ -1076,8 +1077,8 @@ func TestSendToDeviceThatStopsReading(t *testing.T) {
 	}
 	t.Logf("%d Sends to the healthy device completed while the stuck one was blocked", during)
 
-	eventually(t, ioTimeout, "dev-stuck disconnected", func() bool { return !f.b.Connected("dev-stuck") })
-	eventually(t, ioTimeout, "one device connected", func() bool { return f.b.Stats().Connected == 1 })
+	fotatest.WaitFor(t, ioTimeout, "dev-stuck disconnected", func() bool { return !f.b.Connected("dev-stuck") })
+	fotatest.WaitFor(t, ioTimeout, "one device connected", func() bool { return f.b.Stats().Connected == 1 })
 	if err := f.b.Send(chunkTopic("dev-stuck"), []byte("x")); !errors.Is(err, ErrNotSubscribed) {
 		t.Fatalf("Send to the disconnected device: got %v, want ErrNotSubscribed", err)
 	}
@@ -1158,7 +1159,7 @@ func TestReachable(t *testing.T) {
 		t.Fatal("Reachable before the device connected: got true, want false")
 	}
 	rc := f.device("dev-r")
-	eventually(t, ioTimeout, "reachable once connected", func() bool { return f.b.Reachable("dev-r") })
+	fotatest.WaitFor(t, ioTimeout, "reachable once connected", func() bool { return f.b.Reachable("dev-r") })
 	_ = rc.conn.Close()
-	eventually(t, ioTimeout, "unreachable once its connection ended", func() bool { return !f.b.Reachable("dev-r") })
+	fotatest.WaitFor(t, ioTimeout, "unreachable once its connection ended", func() bool { return !f.b.Reachable("dev-r") })
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 	"github.com/fota-dev/fota/transfer"
 	bolt "go.etcd.io/bbolt"
@@ -190,21 +192,16 @@ func (h *harness) statusSHA(device, version, sha string) {
 // waitOffer polls until the device has been sent n offers and returns the last.
 func (h *harness) waitOffer(device string, n int) protocol.Offer {
 	h.t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		msgs := h.pub.on(protocol.Topic(device, protocol.SuffixJob))
-		if len(msgs) >= n {
-			var o protocol.Offer
-			if err := json.Unmarshal(msgs[n-1], &o); err != nil {
-				h.t.Fatal(err)
-			}
-			return o
-		}
-		if time.Now().After(deadline) {
-			h.t.Fatalf("device %s: got %d offers, want %d", device, len(msgs), n)
-		}
-		time.Sleep(5 * time.Millisecond)
+	topic := protocol.Topic(device, protocol.SuffixJob)
+	fotatest.WaitForValue(h.t, 20*time.Second, fmt.Sprintf("device %s to be sent %d offers", device, n), func() (int, bool) {
+		got := len(h.pub.on(topic))
+		return got, got >= n
+	})
+	var o protocol.Offer
+	if err := json.Unmarshal(h.pub.on(topic)[n-1], &o); err != nil {
+		h.t.Fatal(err)
 	}
+	return o
 }
 
 func (h *harness) job(rollout, device string) Job {

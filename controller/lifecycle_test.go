@@ -11,20 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 )
-
-// waitFor polls cond until it holds, for at most 20 s.
-func (h *harness) waitFor(what string, cond func() bool) {
-	h.t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			h.t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 // failCommits makes every state file commit fail with ENOSPC until the returned func is
 // called.
@@ -46,7 +35,7 @@ func TestFailedCommitKeepsDevicesOnline(t *testing.T) {
 	if !errors.Is(err, ErrStateWrite) || !strings.Contains(err.Error(), "no space left on device") {
 		t.Fatalf("got %v, want ErrStateWrite with the cause", err)
 	}
-	h.waitFor("the reload", func() bool { return h.c.Stats().Reloads.Load() == 1 })
+	fotatest.WaitFor(h.t, 20*time.Second, "the reload", func() bool { return h.c.Stats().Reloads.Load() == 1 })
 	if _, err := h.c.Rollout("r1"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("got %v, want the failed rollout not kept", err)
 	}
@@ -63,7 +52,7 @@ func TestFailedCommitKeepsDevicesOnline(t *testing.T) {
 	r := h.create(RolloutSpec{Start: t0.Add(time.Hour)})
 	restore = h.failCommits()
 	h.tick(t0.Add(time.Hour))
-	h.waitFor("the second reload", func() bool { return h.c.Stats().Reloads.Load() == 2 })
+	fotatest.WaitFor(h.t, 20*time.Second, "the second reload", func() bool { return h.c.Stats().Reloads.Load() == 2 })
 	for _, id := range ids {
 		if n := len(h.pub.on(protocol.Topic(id, protocol.SuffixJob))); n != 0 {
 			t.Fatalf("device %s got %d offers from a failed commit, want 0", id, n)
@@ -143,7 +132,7 @@ func TestReleaseExpiringMidRollout(t *testing.T) {
 	if len(second) != 1 {
 		t.Fatalf("got %v offered after an install, want 1 device", second)
 	}
-	h.waitFor("two offers", func() bool { return h.offersTo(ids) == 2 })
+	fotatest.WaitFor(h.t, 20*time.Second, "two offers", func() bool { return h.offersTo(ids) == 2 })
 
 	// 2h minus the 50m job span: no job offered from here could finish in time.
 	h.tick(t0.Add(70*time.Minute + time.Second))
@@ -168,7 +157,7 @@ func TestReleaseExpiringMidRollout(t *testing.T) {
 	if got, err := h.c.ResumeRollout(r.ID); err != nil || got.State != RolloutActive {
 		t.Fatalf("resume after the release was extended: got %s (%v), want active", got.State, err)
 	}
-	h.waitFor("the third offer", func() bool { return h.offersTo(ids) == 3 })
+	fotatest.WaitFor(h.t, 20*time.Second, "the third offer", func() bool { return h.offersTo(ids) == 3 })
 }
 
 // revocations is a revocation list a test changes as it goes.

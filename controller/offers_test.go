@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -57,8 +58,7 @@ func TestOffersNeverDropped(t *testing.T) {
 		t.Fatal(err)
 	}
 	close(gp.gate)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	fotatest.WaitForValue(t, 20*time.Second, fmt.Sprintf("offers for %d devices", n), func() (int, bool) {
 		got := map[string]bool{}
 		gp.mu.Lock()
 		for _, m := range gp.msgs {
@@ -67,12 +67,6 @@ func TestOffersNeverDropped(t *testing.T) {
 			}
 		}
 		gp.mu.Unlock()
-		if len(got) == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("got offers for %d devices, want %d", len(got), n)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return len(got), len(got) == n
+	})
 }

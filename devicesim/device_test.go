@@ -26,6 +26,7 @@ import (
 	"github.com/fota-dev/fota/certs/certstest"
 	"github.com/fota-dev/fota/devicesim"
 	"github.com/fota-dev/fota/firmware"
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -327,22 +328,10 @@ func runDevice(t *testing.T, cfg devicesim.Config) (d *devicesim.Device, stop fu
 	}
 }
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func waitDone(t *testing.T, d *devicesim.Device) devicesim.Result {
 	t.Helper()
 	var r devicesim.Result
-	waitFor(t, "job to end", func() bool {
+	fotatest.WaitFor(t, 30*time.Second, "job to end", func() bool {
 		r = d.Result()
 		return r.State == protocol.StateInstalled || r.State == protocol.StateFailed
 	})
@@ -408,7 +397,7 @@ func testUpdateEndToEnd(t *testing.T, f fixture, persist bool) {
 	}
 	checkState(t, d, cfg.StateDir, devicesim.State{Model: model, Active: 1, Version: newVer, Counter: 1, SHA256: shaHex(f.newImg)}, f.newImg)
 
-	waitFor(t, "installed event", func() bool {
+	fotatest.WaitFor(t, 30*time.Second, "installed event", func() bool {
 		evs := s.eventsOf("dev-1")
 		return len(evs) > 0 && evs[len(evs)-1].State == protocol.StateInstalled
 	})
@@ -446,7 +435,7 @@ func testUpdateEndToEnd(t *testing.T, f fixture, persist bool) {
 
 	// The same job offered again is confirmed again, not installed again.
 	s.publishOffer("dev-1")
-	waitFor(t, "second installed event", func() bool {
+	fotatest.WaitFor(t, 30*time.Second, "second installed event", func() bool {
 		n := 0
 		for _, ev := range s.eventsOf("dev-1") {
 			if ev.State == protocol.StateInstalled {
@@ -578,7 +567,7 @@ func TestTransferFaults(t *testing.T) {
 				t.Errorf("bytes: got %d, want %d", r.Bytes, len(f.newImg))
 			}
 			if tt.wantState == protocol.StateFailed {
-				waitFor(t, "failed event", func() bool {
+				fotatest.WaitFor(t, 30*time.Second, "failed event", func() bool {
 					evs := s.eventsOf("dev-1")
 					return len(evs) > 0 && evs[len(evs)-1].State == protocol.StateFailed &&
 						strings.HasPrefix(evs[len(evs)-1].Reason, tt.wantReason)
@@ -606,16 +595,16 @@ func TestFailedJobOfferedAgainIsRetried(t *testing.T) {
 	if r := waitDone(t, d); r.State != protocol.StateFailed || !strings.HasPrefix(r.Reason, protocol.ReasonHashMismatch) {
 		t.Fatalf("first attempt: got %s %q, want failed %s", r.State, r.Reason, protocol.ReasonHashMismatch)
 	}
-	waitFor(t, "failed event", func() bool {
+	fotatest.WaitFor(t, 30*time.Second, "failed event", func() bool {
 		evs := s.eventsOf("dev-1")
 		return len(evs) > 0 && evs[len(evs)-1].State == protocol.StateFailed
 	})
 	s.publishOffer("dev-1")
-	waitFor(t, "installed", func() bool { return d.Result().State == protocol.StateInstalled })
+	fotatest.WaitFor(t, 30*time.Second, "installed", func() bool { return d.Result().State == protocol.StateInstalled })
 	if got := d.Version(); got != newVer {
 		t.Errorf("version: got %s, want %s", got, newVer)
 	}
-	waitFor(t, "installed event", func() bool {
+	fotatest.WaitFor(t, 30*time.Second, "installed event", func() bool {
 		evs := s.eventsOf("dev-1")
 		return len(evs) > 0 && evs[len(evs)-1].State == protocol.StateInstalled
 	})
@@ -695,11 +684,10 @@ func TestRunFleetStopsWithContext(t *testing.T) {
 	defer cancel()
 	go func() {
 		defer cancel()
-		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-			if len(s.statusesOf("sim-0001")) > 0 && len(s.statusesOf("sim-0002")) > 0 {
-				return
-			}
-		}
+		// Cancel once both devices have reported, or after 20 s regardless.
+		_ = fotatest.Poll(20*time.Second, func() bool {
+			return len(s.statusesOf("sim-0001")) > 0 && len(s.statusesOf("sim-0002")) > 0
+		})
 	}()
 	rs, err := devicesim.RunFleet(ctx, devicesim.FleetConfig{
 		N: 2, Model: model, Version: oldVer, Image: f.oldImg, PublicKey: releasePub, Broker: s.addr,
@@ -746,7 +734,7 @@ func TestReconnectsUntilCancelled(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx) }()
-	waitFor(t, "a second connection attempt", func() bool { return accepts.Load() >= 2 })
+	fotatest.WaitFor(t, 30*time.Second, "a second connection attempt", func() bool { return accepts.Load() >= 2 })
 	if err := d.Run(ctx); !errors.Is(err, devicesim.ErrRunning) {
 		t.Errorf("second Run: got %v, want %v", err, devicesim.ErrRunning)
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/fota-dev/fota/devicesim"
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -67,7 +68,7 @@ func TestFaults(t *testing.T) {
 				if got := d.Stats().FailedInstalls; got != 1 {
 					t.Errorf("failed installs: got %d, want 1", got)
 				}
-				waitFor(t, "failed event", func() bool {
+				fotatest.WaitFor(t, 30*time.Second, "failed event", func() bool {
 					evs := s.eventsOf(dev)
 					return len(evs) > 0 && evs[len(evs)-1].State == protocol.StateFailed
 				})

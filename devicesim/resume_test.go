@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/fota-dev/fota/devicesim"
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -73,7 +74,7 @@ func TestResume(t *testing.T) {
 			name: "device restarted on its state dir", stateDir: true,
 			start: func(r run) *devicesim.Device {
 				_, stop := runDevice(r.t, r.cfg)
-				waitFor(r.t, "half the transfer asked for", func() bool {
+				fotatest.WaitFor(r.t, 30*time.Second, "half the transfer asked for", func() bool {
 					log := r.s.requestLog(dev)
 					return len(log) > 0 && log[len(log)-1].off >= 8*chunk
 				})
@@ -159,7 +160,7 @@ func TestResume(t *testing.T) {
 				}
 			}
 			// Restarts neither reuse nor go back in event sequence numbers.
-			waitFor(t, "installed event", func() bool {
+			fotatest.WaitFor(t, 30*time.Second, "installed event", func() bool {
 				evs := s.eventsOf(dev)
 				return len(evs) > 0 && evs[len(evs)-1].State == protocol.StateInstalled
 			})
@@ -182,10 +183,10 @@ func TestResumeReportsJobInStatus(t *testing.T) {
 	cfg := f.device(t, s, "dev-1", oldVer, f.oldImg)
 	cfg.StateDir, cfg.Rate = t.TempDir(), 256<<10 // slow enough to stop it half way
 	_, stop := runDevice(t, cfg)
-	waitFor(t, "a few chunks asked for", func() bool { return len(s.requestLog("dev-1")) >= 4 })
+	fotatest.WaitFor(t, 30*time.Second, "a few chunks asked for", func() bool { return len(s.requestLog("dev-1")) >= 4 })
 	stop()
 	d := startDevice(t, cfg)
-	waitFor(t, "status of the restarted device", func() bool { return len(s.statusesOf("dev-1")) >= 2 })
+	fotatest.WaitFor(t, 30*time.Second, "status of the restarted device", func() bool { return len(s.statusesOf("dev-1")) >= 2 })
 	if st := s.statusesOf("dev-1")[1]; st.State != protocol.StateDownloading || st.Job != jobID {
 		t.Errorf("status after the restart: got state %q job %q, want downloading %q", st.State, st.Job, jobID)
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/fota-dev/fota/devicesim"
 	"github.com/fota-dev/fota/firmware"
 	"github.com/fota-dev/fota/firmware/delta"
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 )
 
@@ -330,7 +331,7 @@ func TestAttacksRefused(t *testing.T) {
 			if !strings.Contains(r.Reason, tt.wantDetail) {
 				t.Errorf("reason: got %q, want it to say %q", r.Reason, tt.wantDetail)
 			}
-			waitFor(t, "failed event", func() bool {
+			fotatest.WaitFor(t, 30*time.Second, "failed event", func() bool {
 				evs := s.eventsOf("dev-1")
 				return len(evs) > 0 && evs[len(evs)-1].State == protocol.StateFailed
 			})
@@ -375,7 +376,7 @@ func TestDeltaUpdate(t *testing.T) {
 		t.Errorf("downloaded %d bytes for a %d-byte image, want under a quarter", r.Bytes, len(f.newImg))
 	}
 	checkState(t, d, cfg.StateDir, devicesim.State{Model: model, Active: 1, Version: newVer, Counter: 1, SHA256: shaHex(f.newImg)}, f.newImg)
-	waitFor(t, "status of the new image", func() bool {
+	fotatest.WaitFor(t, 30*time.Second, "status of the new image", func() bool {
 		sts := s.statusesOf("dev-1")
 		return len(sts) > 0 && sts[len(sts)-1].SHA256 == shaHex(f.newImg)
 	})
@@ -434,7 +435,7 @@ func TestStateSurvivesRestart(t *testing.T) {
 	if r := waitDone(t, d); r.State != protocol.StateInstalled {
 		t.Fatalf("state: got %s (%s), want installed", r.State, r.Reason)
 	}
-	waitFor(t, "installed event", func() bool {
+	fotatest.WaitFor(t, 30*time.Second, "installed event", func() bool {
 		evs := s.eventsOf("dev-1")
 		return len(evs) > 0 && evs[len(evs)-1].State == protocol.StateInstalled
 	})
@@ -447,7 +448,7 @@ func TestStateSurvivesRestart(t *testing.T) {
 	if old, err := os.ReadFile(filepath.Join(cfg.StateDir, "dev-1", "slot-a.bin")); err != nil || !bytes.Equal(old, f.oldImg) {
 		t.Errorf("slot A: got %d bytes (%v), want the old image kept", len(old), err)
 	}
-	waitFor(t, "status of the resumed device", func() bool {
+	fotatest.WaitFor(t, 30*time.Second, "status of the resumed device", func() bool {
 		sts := s.statusesOf("dev-1")
 		return len(sts) >= 3 && sts[len(sts)-1].Version == newVer && sts[len(sts)-1].SHA256 == shaHex(f.newImg)
 	})
@@ -455,7 +456,7 @@ func TestStateSurvivesRestart(t *testing.T) {
 	// A new process remembers job-1 from its flash: offered again, it is confirmed, not
 	// installed again.
 	s.publishOffer("dev-1")
-	waitFor(t, "installed confirmed again", func() bool {
+	fotatest.WaitFor(t, 30*time.Second, "installed confirmed again", func() bool {
 		n := 0
 		for _, ev := range s.eventsOf("dev-1") {
 			if ev.State == protocol.StateInstalled {
@@ -473,7 +474,7 @@ func TestStateSurvivesRestart(t *testing.T) {
 	replay.Job = "job-replay"
 	s.publishOfferOf("dev-1", replay)
 	var r devicesim.Result
-	waitFor(t, "replayed offer refused", func() bool {
+	fotatest.WaitFor(t, 30*time.Second, "replayed offer refused", func() bool {
 		r = d2.Result()
 		return r.State == protocol.StateFailed
 	})

@@ -20,6 +20,7 @@ import (
 
 	"github.com/fota-dev/fota/broker"
 	"github.com/fota-dev/fota/certs/certstest"
+	"github.com/fota-dev/fota/fotatest"
 	"github.com/fota-dev/fota/protocol"
 	"github.com/fota-dev/fota/transfer"
 	"github.com/fota-dev/fota/transfer/transfertest"
@@ -115,18 +116,6 @@ func socketBuffers(t *testing.T) int64 {
 		total += n
 	}
 	return total
-}
-
-// poll waits for cond, failing the test after d.
-func poll(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, d)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // TestFrozenDeviceDoesNotStallOthers runs 50 devices downloading the whole image through the
@@ -282,7 +271,7 @@ func TestFrozenDeviceDoesNotStallOthers(t *testing.T) {
 	// Stuck: a Send to it in progress for a while. A device that reads takes a frame in well
 	// under a millisecond; one whose socket is full never does.
 	var stuck sends
-	poll(t, 20*time.Second, "frozen device stuck in Send", func() bool {
+	fotatest.WaitFor(t, 20*time.Second, "frozen device stuck in Send", func() bool {
 		stuck = out.get(frozenID)
 		return stuck.active == 1 && time.Since(stuck.since) > 100*time.Millisecond
 	})
@@ -299,8 +288,8 @@ func TestFrozenDeviceDoesNotStallOthers(t *testing.T) {
 	stopSampling()
 	growth := int64(peak.Load()) - int64(base)
 
-	poll(t, 3*writeTimeout, "frozen device disconnected by the write timeout", func() bool { return !b.Connected(frozenID) })
-	poll(t, 10*time.Second, "no frame bytes in flight", func() bool { return srv.Stats().Inflight == 0 })
+	fotatest.WaitFor(t, 3*writeTimeout, "frozen device disconnected by the write timeout", func() bool { return !b.Connected(frozenID) })
+	fotatest.WaitFor(t, 10*time.Second, "no frame bytes in flight", func() bool { return srv.Stats().Inflight == 0 })
 	bg.Wait() // its Request fails once the broker closed it
 
 	st := srv.Stats()
@@ -428,7 +417,7 @@ func TestDeviceRateBoundsBytes(t *testing.T) {
 				t.Fatal("downloaded bytes differ from the image")
 			}
 			// Counters are added after a frame is written: wait for the last one's.
-			poll(t, 10*time.Second, "no frame bytes in flight", func() bool { return srv.Stats().Inflight == 0 })
+			fotatest.WaitFor(t, 10*time.Second, "no frame bytes in flight", func() bool { return srv.Stats().Inflight == 0 })
 			st := srv.Stats()
 			sent := int64(st.Bytes) + int64(st.Chunks)*protocol.FrameHeaderSize
 			bound := float64(tt.rate)*elapsed.Seconds() + burst
